@@ -1,0 +1,6 @@
+//! One module per subcommand.
+
+pub mod config;
+pub mod produce;
+pub mod topics;
+pub mod work;

@@ -1,0 +1,65 @@
+//! `sluice`: produce jobs, run workers, and manage topics.
+
+mod commands;
+mod handlers;
+mod logging;
+mod settings;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "A job pipeline on Apache Kafka")]
+struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Append newline-delimited JSON jobs to a topic.
+    Produce(commands::produce::ProduceArgs),
+    /// Join the consumer group and run jobs until SIGTERM or SIGINT.
+    Work(commands::work::WorkArgs),
+    /// Manage the main, retry-tier and dead-letter topics.
+    #[command(subcommand)]
+    Topics(commands::topics::TopicsCommand),
+    /// Check a settings file.
+    #[command(subcommand)]
+    Config(commands::config::ConfigCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the Tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Produce(args) => commands::produce::run(args).await,
+            Command::Work(args) => commands::work::run(args).await,
+            Command::Topics(command) => commands::topics::run(command).await,
+            Command::Config(command) => commands::config::run(command),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

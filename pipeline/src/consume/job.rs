@@ -1,0 +1,397 @@
+//! Running one record to a terminal state.
+//!
+//! A record is terminal when its handler succeeded, when it was skipped as a
+//! confirmed duplicate, or when a copy of it is durable on the next retry
+//! tier or the dead-letter topic. Only then is its offset marked for commit.
+//! Every wait here (Redis down, a produce failing) backs off and retries
+//! until it succeeds or the partition is given up, so nothing is dropped.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::{RedisUnavailable, TierSettings};
+use crate::consume::state::{LaneKey, TopicPartition};
+use crate::consume::Shared;
+use crate::dedupe::{Claim, ClaimToken, Dedupe, DedupeError};
+use crate::envelope::{self, headers, DecodeRules, Job, Record, SluiceHeaders};
+use crate::handler::{Handler, HandlerError};
+use crate::produce::{JobProducer, OutgoingRecord};
+use crate::route::{next_hop, Hop};
+use crate::telemetry::Counters;
+
+/// Everything a job needs besides its record; shared by all lane tasks.
+pub(crate) struct JobContext<H> {
+    pub handler: H,
+    pub dedupe: Option<Dedupe>,
+    pub on_redis_unavailable: RedisUnavailable,
+    pub producer: JobProducer,
+    pub rules: DecodeRules,
+    pub tiers: Vec<TierSettings>,
+    /// Topic of each tier, in tier order.
+    pub tier_topics: Vec<String>,
+    pub dlq_topic: String,
+    pub handler_timeout: Duration,
+    pub counters: Counters,
+}
+
+/// How a record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finish {
+    Succeeded,
+    Skipped,
+    Retried,
+    DeadLettered,
+    /// Given up before it was terminal (revoke or stop); stays uncommitted.
+    Abandoned,
+}
+
+/// Runs the records of one lane in order until the lane is empty.
+pub(crate) async fn run_lane<H: Handler>(
+    shared: Arc<Shared<H>>,
+    partition: TopicPartition,
+    lane: LaneKey,
+    epoch: u64,
+    cancel: CancellationToken,
+) {
+    loop {
+        let next = shared.lock().next_record(&partition, &lane, epoch);
+        let Some(record) = next else {
+            break;
+        };
+        let offset = record.offset;
+
+        let permit = tokio::select! {
+            permit = shared.permits.clone().acquire_owned() => permit,
+            () = cancel.cancelled() => {
+                Counters::bump(&shared.ctx.counters.abandoned);
+                shared.lock().end_lane(&partition, &lane, epoch);
+                break;
+            }
+        };
+        let Ok(_permit) = permit else {
+            break;
+        };
+
+        let finish = process(&shared.ctx, record, &cancel).await;
+        if finish == Finish::Abandoned {
+            Counters::bump(&shared.ctx.counters.abandoned);
+            shared.lock().end_lane(&partition, &lane, epoch);
+            break;
+        }
+        shared.lock().complete(&partition, epoch, offset);
+    }
+    shared.lane_finished();
+}
+
+/// Runs one record to a terminal state, or gives it up when `cancel` fires
+/// while the record waits for Redis or Kafka.
+pub(crate) async fn process<H: Handler>(
+    ctx: &JobContext<H>,
+    record: Record,
+    cancel: &CancellationToken,
+) -> Finish {
+    let job = match envelope::decode(record, &ctx.rules) {
+        Ok(job) => job,
+        Err((record, error)) => return dead_letter_undecodable(ctx, record, error, cancel).await,
+    };
+
+    let token = match claim(ctx, &job, cancel).await {
+        ClaimOutcome::Run(token) => token,
+        ClaimOutcome::Skip => {
+            debug!(job_id = %job.id, "skipped job that already succeeded");
+            Counters::bump(&ctx.counters.dedupe_skipped);
+            return Finish::Skipped;
+        }
+        ClaimOutcome::Abandon => return Finish::Abandoned,
+    };
+
+    match run_handler(ctx, &job).await {
+        Ok(()) => {
+            if let Some(dedupe) = &ctx.dedupe {
+                let done = retry_redis(ctx, cancel, "mark the job done", || {
+                    dedupe.mark_done(&job.id)
+                })
+                .await;
+                if done.is_none() && token.is_some() {
+                    // The handler succeeded, but without a done marker the
+                    // next owner would run it again: keep it uncommitted.
+                    return Finish::Abandoned;
+                }
+            }
+            Counters::bump(&ctx.counters.succeeded);
+            Finish::Succeeded
+        }
+        Err(error) => {
+            let finish = forward_failure(ctx, &job, &error, cancel).await;
+            if finish == Finish::Abandoned {
+                release_best_effort(ctx, &job, token.as_ref()).await;
+                return finish;
+            }
+            if let (Some(dedupe), Some(token)) = (&ctx.dedupe, &token) {
+                // The copy is durable, so the record is terminal whatever
+                // happens here; an unreleased claim only delays the next tier
+                // until its lease expires.
+                retry_redis(ctx, cancel, "release the claim", || {
+                    dedupe.release(&job.id, token)
+                })
+                .await;
+            }
+            finish
+        }
+    }
+}
+
+enum ClaimOutcome {
+    /// Run the handler; `Some` holds the claim to release after a failure.
+    Run(Option<ClaimToken>),
+    Skip,
+    Abandon,
+}
+
+async fn claim<H: Handler>(
+    ctx: &JobContext<H>,
+    job: &Job,
+    cancel: &CancellationToken,
+) -> ClaimOutcome {
+    let Some(dedupe) = &ctx.dedupe else {
+        return ClaimOutcome::Run(None);
+    };
+    let mut backoff = Backoff::for_reconnect();
+    loop {
+        let wait = match dedupe.claim(&job.id).await {
+            Ok(Claim::Claimed(token)) => return ClaimOutcome::Run(Some(token)),
+            Ok(Claim::Done) => return ClaimOutcome::Skip,
+            Ok(Claim::Busy { expires_in }) => {
+                debug!(job_id = %job.id, ?expires_in, "job is claimed by another member; waiting");
+                expires_in.min(Duration::from_secs(1))
+            }
+            Err(error) => {
+                Counters::bump(&ctx.counters.redis_errors);
+                if ctx.on_redis_unavailable == RedisUnavailable::RunWithoutDedupe {
+                    warn!(job_id = %job.id, %error, "running job without a claim because Redis is unavailable and dedupe.on_redis_unavailable = \"run_without_dedupe\"");
+                    return ClaimOutcome::Run(None);
+                }
+                let delay = backoff.next_delay();
+                log_redis_wait(&error, "claim a job", backoff.attempts(), delay);
+                delay
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cancel.cancelled() => return ClaimOutcome::Abandon,
+        }
+    }
+}
+
+/// Retries a Redis operation with backoff until it succeeds or `cancel`
+/// fires. Returns `None` when cancelled.
+async fn retry_redis<H, F, Fut>(
+    ctx: &JobContext<H>,
+    cancel: &CancellationToken,
+    what: &'static str,
+    mut operation: F,
+) -> Option<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), DedupeError>>,
+{
+    let mut backoff = Backoff::for_reconnect();
+    loop {
+        match operation().await {
+            Ok(()) => return Some(()),
+            Err(error) => {
+                Counters::bump(&ctx.counters.redis_errors);
+                let delay = backoff.next_delay();
+                log_redis_wait(&error, what, backoff.attempts(), delay);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+fn log_redis_wait(error: &DedupeError, what: &str, attempts: u32, delay: Duration) {
+    // The first failure and then every 20th, so an outage does not flood the
+    // log from every running job.
+    if attempts == 1 || attempts % 20 == 0 {
+        warn!(%error, attempts, retry_in_ms = delay.as_millis() as u64, "failed to {what}; handling waits for Redis");
+    }
+}
+
+async fn release_best_effort<H>(ctx: &JobContext<H>, job: &Job, token: Option<&ClaimToken>) {
+    if let (Some(dedupe), Some(token)) = (&ctx.dedupe, token) {
+        if let Err(error) = dedupe.release(&job.id, token).await {
+            debug!(job_id = %job.id, %error, "could not release the claim; it expires with its lease");
+        }
+    }
+}
+
+/// Runs the handler with the timeout, turning a panic or a timeout into a
+/// retryable error.
+async fn run_handler<H: Handler>(ctx: &JobContext<H>, job: &Job) -> Result<(), HandlerError> {
+    let call = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.handler.handle(job)));
+    let future = match call {
+        Ok(future) => future,
+        Err(panic) => return Err(panic_error(panic)),
+    };
+    match tokio::time::timeout(ctx.handler_timeout, AssertUnwindSafe(future).catch_unwind()).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(panic_error(panic)),
+        Err(_) => Err(HandlerError::retryable(
+            "timeout",
+            format!(
+                "handler ran longer than worker.handler_timeout_ms ({} ms)",
+                ctx.handler_timeout.as_millis()
+            ),
+        )),
+    }
+}
+
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "handler panicked".to_owned());
+    HandlerError::retryable("panic", format!("handler panicked: {message}"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes the retry or dead-letter copy of a failed job.
+async fn forward_failure<H: Handler>(
+    ctx: &JobContext<H>,
+    job: &Job,
+    error: &HandlerError,
+    cancel: &CancellationToken,
+) -> Finish {
+    let hop = next_hop(&ctx.tiers, job.attempt, error.kind);
+    let (topic, attempt, tier, due_ms, finish, counter) = match hop {
+        Hop::Retry { tier, attempt } => (
+            ctx.tier_topics[tier].as_str(),
+            attempt,
+            ctx.tiers[tier].name.clone(),
+            Some(now_ms() + ctx.tiers[tier].delay_ms as i64),
+            Finish::Retried,
+            &ctx.counters.retried_by_tier[tier],
+        ),
+        Hop::DeadLetter { attempts } => (
+            ctx.dlq_topic.as_str(),
+            attempts,
+            "dlq".to_owned(),
+            None,
+            Finish::DeadLettered,
+            &ctx.counters.dead_lettered,
+        ),
+    };
+    let sluice = SluiceHeaders {
+        job_id: Some(job.id.clone()),
+        attempt: Some(attempt),
+        tier: Some(tier),
+        due_ms,
+        error_class: Some(error.class.to_owned()),
+        error_message: Some(error.message.clone()),
+        origin: Some(job.origin.clone()),
+    };
+    let copy = OutgoingRecord {
+        topic: topic.to_owned(),
+        key: job.record.key.clone(),
+        payload: job.record.value.clone(),
+        headers: headers::replace_sluice_headers(&job.record.headers, &sluice),
+    };
+    if !send_durably(ctx, &copy, cancel).await {
+        return Finish::Abandoned;
+    }
+    match hop {
+        Hop::Retry { .. } => {
+            debug!(job_id = %job.id, attempt, topic, class = error.class, "job will be retried");
+            Counters::bump(&ctx.counters.retried);
+        }
+        Hop::DeadLetter { .. } => {
+            info!(job_id = %job.id, attempt, topic, class = error.class, error = %error.message, "job dead-lettered");
+        }
+    }
+    Counters::bump(counter);
+    finish
+}
+
+async fn dead_letter_undecodable<H>(
+    ctx: &JobContext<H>,
+    record: Record,
+    error: envelope::DecodeError,
+    cancel: &CancellationToken,
+) -> Finish {
+    let (job_id, attempt, origin) = match envelope::envelope(&record) {
+        Ok(envelope) => (envelope.id, envelope.attempt, envelope.origin),
+        Err(_) => (record.position().to_string(), 1, record.position()),
+    };
+    let sluice = SluiceHeaders {
+        job_id: Some(job_id.clone()),
+        attempt: Some(attempt),
+        tier: Some("dlq".to_owned()),
+        due_ms: None,
+        error_class: Some(error.class().to_owned()),
+        error_message: Some(error.to_string()),
+        origin: Some(origin),
+    };
+    let copy = OutgoingRecord {
+        topic: ctx.dlq_topic.clone(),
+        key: record.key.clone(),
+        payload: record.value.clone(),
+        headers: headers::replace_sluice_headers(&headers::user_headers(&record.headers), &sluice),
+    };
+    if !send_durably(ctx, &copy, cancel).await {
+        return Finish::Abandoned;
+    }
+    warn!(
+        job_id,
+        topic = record.topic,
+        partition = record.partition,
+        offset = record.offset,
+        class = error.class(),
+        %error,
+        "undecodable record dead-lettered"
+    );
+    Counters::bump(&ctx.counters.undecodable);
+    Counters::bump(&ctx.counters.dead_lettered);
+    Finish::DeadLettered
+}
+
+/// Produces `copy` until a delivery report confirms it. Returns `false` when
+/// `cancel` fired first, and the source record then stays uncommitted.
+async fn send_durably<H>(
+    ctx: &JobContext<H>,
+    copy: &OutgoingRecord,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        // An attempt in progress is not interrupted by `cancel`: a revoke
+        // waits for it within the drain deadline, so the copy usually lands
+        // and the record becomes terminal before the partition moves.
+        match ctx.producer.send(copy).await {
+            Ok(_) => return true,
+            Err(error) => {
+                Counters::bump(&ctx.counters.produce_errors);
+                let delay = backoff.next_delay();
+                warn!(topic = copy.topic, %error, retry_in_ms = delay.as_millis() as u64, "failed to write a retry or dead-letter copy; the source record stays uncommitted until it succeeds");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return false,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The poll thread: fetching, pausing and resuming, committing, and the one
+//! drain path shared by revokes and stops.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::consume::job::run_lane;
+use crate::consume::state::{Effect, TopicPartition};
+use crate::consume::Shared;
+use crate::envelope::Record;
+use crate::handler::Handler;
+use crate::kafka::from_kafka_headers;
+use crate::telemetry::Counters;
+
+/// Longest time between two rounds of housekeeping (due tier partitions,
+/// backpressure). It bounds how late a retry tier fires after its due time.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Consumer context that routes rebalance callbacks into the drain path.
+pub(crate) struct MemberContext<H> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H> MemberContext<H> {
+    pub(crate) fn new(shared: Arc<Shared<H>>) -> Self {
+        MemberContext { shared }
+    }
+}
+
+impl<H: Handler> ClientContext for MemberContext<H> {}
+
+impl<H: Handler> ConsumerContext for MemberContext<H> {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions = partitions_of(list);
+                let mut state = self.shared.lock();
+                for partition in &partitions {
+                    let is_tier = partition.0 != self.shared.main_topic;
+                    state.assign(partition.clone(), is_tier);
+                }
+                info!(partitions = ?partitions, "partitions assigned");
+            }
+            Rebalance::Revoke(list) => {
+                let partitions = partitions_of(list);
+                info!(partitions = ?partitions, "partitions revoked; draining");
+                drain(consumer, &self.shared, &partitions);
+            }
+            Rebalance::Error(error) => warn!(%error, "rebalance failed"),
+        }
+    }
+}
+
+fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|element| (element.topic().to_owned(), element.partition()))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Polls until `shutdown` fires, then drains everything and closes the
+/// consumer, which leaves the group.
+pub(crate) fn run<H: Handler>(
+    consumer: BaseConsumer<MemberContext<H>>,
+    shared: &Arc<Shared<H>>,
+    shutdown: &CancellationToken,
+) {
+    let mut effects = Vec::new();
+    let mut last_housekeeping = Instant::now();
+    let mut last_commit = Instant::now();
+    let mut poll_errors = 0u64;
+
+    while !shutdown.is_cancelled() {
+        match consumer.poll(HOUSEKEEPING_INTERVAL) {
+            Some(Ok(message)) => {
+                let record = Record {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    timestamp_ms: message.timestamp().to_millis(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    headers: from_kafka_headers(message.headers()),
+                };
+                drop(message);
+                shared
+                    .lock()
+                    .admit(record, Instant::now(), now_ms(), &mut effects);
+                apply(&consumer, shared, &mut effects);
+            }
+            Some(Err(error)) => {
+                poll_errors += 1;
+                if poll_errors == 1 || poll_errors % 100 == 0 {
+                    warn!(%error, count = poll_errors, "consumer error");
+                }
+            }
+            None => {}
+        }
+
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
+            last_housekeeping = Instant::now();
+            shared
+                .lock()
+                .housekeeping(Instant::now(), now_ms(), &mut effects);
+            apply(&consumer, shared, &mut effects);
+        }
+        if last_commit.elapsed() >= shared.commit_interval {
+            last_commit = Instant::now();
+            let offsets = shared.lock().take_commits();
+            commit(&consumer, shared, offsets);
+        }
+    }
+
+    let assigned = shared.lock().assigned();
+    info!(
+        partitions = assigned.len(),
+        "stopping; draining in-flight jobs"
+    );
+    drain(&consumer, shared, &assigned);
+    // Dropping the consumer closes it: it leaves the group, and the revoke
+    // callback finds nothing left to drain.
+    drop(consumer);
+    info!("left the consumer group");
+}
+
+/// Carries out the effects of a state change: spawns lane tasks and pauses
+/// or resumes partitions.
+fn apply<H: Handler>(
+    consumer: &BaseConsumer<MemberContext<H>>,
+    shared: &Arc<Shared<H>>,
+    effects: &mut Vec<Effect>,
+) {
+    for effect in effects.drain(..) {
+        match effect {
+            Effect::Spawn {
+                partition,
+                lane,
+                epoch,
+                cancel,
+            } => {
+                shared
+                    .runtime
+                    .spawn(run_lane(shared.clone(), partition, lane, epoch, cancel));
+            }
+            Effect::Pause(partition) => {
+                debug!(
+                    topic = partition.0,
+                    partition = partition.1,
+                    "pausing partition"
+                );
+                if let Err(error) = consumer.pause(&single(&partition)) {
+                    warn!(topic = partition.0, partition = partition.1, %error, "failed to pause partition");
+                }
+            }
+            Effect::Resume(partition) => {
+                debug!(
+                    topic = partition.0,
+                    partition = partition.1,
+                    "resuming partition"
+                );
+                if let Err(error) = consumer.resume(&single(&partition)) {
+                    warn!(topic = partition.0, partition = partition.1, %error, "failed to resume partition");
+                }
+            }
+        }
+    }
+}
+
+fn single(partition: &TopicPartition) -> TopicPartitionList {
+    let mut list = TopicPartitionList::with_capacity(1);
+    list.add_partition(&partition.0, partition.1);
+    list
+}
+
+/// Commits offsets synchronously and puts back the ones Kafka rejected.
+fn commit<H: Handler>(
+    consumer: &BaseConsumer<MemberContext<H>>,
+    shared: &Shared<H>,
+    offsets: Vec<(TopicPartition, i64)>,
+) -> bool {
+    if offsets.is_empty() {
+        return true;
+    }
+    let mut list = TopicPartitionList::with_capacity(offsets.len());
+    for ((topic, partition), offset) in &offsets {
+        if let Err(error) = list.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            error!(topic, partition, offset, %error, "invalid offset to commit");
+        }
+    }
+    match consumer.commit(&list, CommitMode::Sync) {
+        Ok(()) => {
+            Counters::bump(&shared.ctx.counters.commits);
+            debug!(offsets = ?offsets, "committed");
+            true
+        }
+        Err(error) => {
+            warn!(%error, offsets = ?offsets, "commit failed; retrying on the next round");
+            let mut state = shared.lock();
+            for (partition, offset) in &offsets {
+                state.commit_failed(partition, *offset);
+            }
+            false
+        }
+    }
+}
+
+/// The drain path for revokes and stops: stop starting jobs of
+/// `partitions`, wait for running ones until the drain deadline, commit the
+/// contiguous terminal prefix, and forget the partitions. Jobs still running
+/// after the deadline stay uncommitted and run again on the next owner.
+fn drain<H: Handler>(
+    consumer: &BaseConsumer<MemberContext<H>>,
+    shared: &Shared<H>,
+    partitions: &[TopicPartition],
+) {
+    if partitions.is_empty() {
+        return;
+    }
+    let deadline = Instant::now() + shared.drain_deadline;
+    let mut state = shared.lock();
+    state.revoke(partitions);
+    loop {
+        let running = state.running_lanes(partitions);
+        if running == 0 {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            warn!(
+                running,
+                deadline_ms = shared.drain_deadline.as_millis() as u64,
+                "drain deadline passed with jobs still running; they stay uncommitted"
+            );
+            break;
+        }
+        state = shared
+            .lane_ended
+            .wait_timeout(state, deadline - now)
+            .map(|(guard, _)| guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+    }
+    let released = state.remove(partitions);
+    drop(state);
+
+    let abandoned: usize = released.iter().map(|r| r.abandoned).sum();
+    let offsets: Vec<_> = released
+        .into_iter()
+        .filter_map(|r| Some((r.partition, r.commit?)))
+        .collect();
+    let committed = commit(consumer, shared, offsets.clone());
+    info!(
+        partitions = partitions.len(),
+        abandoned,
+        committed = ?offsets,
+        ok = committed,
+        "drained"
+    );
+}

@@ -1,0 +1,157 @@
+//! librdkafka client settings and error classification shared by all clients.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+use crate::config::{ConfigError, KafkaSettings};
+use crate::envelope::HeaderList;
+
+/// librdkafka properties that sluice sets itself because its guarantees
+/// depend on them. Setting one under `kafka.properties` is a config error.
+pub const RESERVED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "isolation.level",
+];
+
+/// Rejects pass-through properties that would break commit or delivery
+/// guarantees.
+pub fn check_properties(kafka: &KafkaSettings) -> Result<(), ConfigError> {
+    for key in kafka.properties.keys() {
+        if RESERVED_PROPERTIES.contains(&key.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "kafka.properties",
+                value: key.clone(),
+                reason: "sluice sets this property itself because its delivery guarantees depend on it; remove it (use kafka.brokers for the bootstrap servers and worker.group_id for the group)".to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn base(kafka: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    config
+}
+
+fn apply_properties(config: &mut ClientConfig, kafka: &KafkaSettings) {
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+}
+
+/// Settings of every producer sluice runs: idempotent, `acks=all`, so a
+/// delivery report means the copy is durable on all in-sync replicas.
+pub fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set("compression.type", "none");
+    apply_properties(&mut config, kafka);
+    config
+}
+
+/// Settings of a group member: no automatic commits or offset stores, since
+/// the worker commits only contiguous terminal offsets itself.
+pub fn consumer_config(kafka: &KafkaSettings, group_id: &str) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", "100");
+    apply_properties(&mut config, kafka);
+    config
+}
+
+/// Settings of a consumer that only reads assigned partitions and never joins
+/// a group or commits (admin reads, dead-letter inspection).
+pub fn reader_config(kafka: &KafkaSettings) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("group.id", "sluice-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    apply_properties(&mut config, kafka);
+    config
+}
+
+/// Timeout for one admin or metadata request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether retrying the failed operation can succeed without a change of
+/// configuration. Unknown errors count as retryable so that a transient
+/// broker problem never drops a job.
+pub fn is_retryable(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    let code = match error {
+        KafkaError::MessageProduction(code)
+        | KafkaError::ConsumerCommit(code)
+        | KafkaError::MetadataFetch(code)
+        | KafkaError::OffsetFetch(code)
+        | KafkaError::Flush(code)
+        | KafkaError::AdminOp(code) => *code,
+        KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..) => return false,
+        _ => return true,
+    };
+    !matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::UnsupportedVersion
+            | C::InvalidConfig
+            | C::InvalidRecord
+            | C::UnknownTopic
+            | C::InvalidTopic
+    )
+}
+
+/// Converts a sluice header list into librdkafka headers.
+pub fn to_kafka_headers(headers: &HeaderList) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(headers.len());
+    for (key, value) in headers {
+        out = out.insert(Header {
+            key,
+            value: value.as_deref(),
+        });
+    }
+    out
+}
+
+/// Copies librdkafka headers into a sluice header list.
+pub fn from_kafka_headers<H: Headers>(headers: Option<&H>) -> HeaderList {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    headers
+        .iter()
+        .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
+        .collect()
+}
