@@ -2,6 +2,7 @@
 //! for tests.
 
 pub mod offsets;
+pub mod read;
 pub mod topics;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
