@@ -515,3 +515,87 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// One request the test webhook received.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub idempotency_key: String,
+    pub attempt: u32,
+    pub status: u16,
+}
+
+/// An HTTP endpoint for the `http` handler, scripted by the payload like
+/// [`Scripted`]: `mode` = `ok`, `fail` (503), `fail_first` (503 on attempt
+/// 1), `reject` (400), with an optional `sleep_ms` before answering.
+#[derive(Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub deliveries: Arc<Mutex<Vec<Delivery>>>,
+}
+
+impl Webhook {
+    pub async fn start() -> Webhook {
+        use axum::routing::post;
+        let deliveries: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+        let state = deliveries.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let state = state.clone();
+                    async move {
+                        let text = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_owned()
+                        };
+                        let attempt: u32 = text("sluice-attempt").parse().unwrap_or(0);
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
+                        if let Some(ms) = value["sleep_ms"].as_u64() {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        let status = match value["mode"].as_str().unwrap_or("ok") {
+                            "fail" => 503,
+                            "fail_first" if attempt == 1 => 503,
+                            "reject" => 400,
+                            _ => 204,
+                        };
+                        state.lock().unwrap().push(Delivery {
+                            idempotency_key: text("idempotency-key"),
+                            attempt,
+                            status,
+                        });
+                        axum::http::StatusCode::from_u16(status)
+                            .unwrap_or(axum::http::StatusCode::OK)
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind webhook");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Webhook { url, deliveries }
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.deliveries.lock().unwrap().clone()
+    }
+
+    /// Job ids answered 2xx, with how often.
+    pub fn delivered(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for d in self.deliveries().into_iter().filter(|d| d.status < 300) {
+            *out.entry(d.idempotency_key).or_default() += 1;
+        }
+        out
+    }
+
+    pub fn handler_section(&self) -> String {
+        format!("kind = \"http\"\nurl = \"{}\"\ntimeout_ms = 5000", self.url)
+    }
+}
