@@ -1,10 +1,10 @@
 //! Retry and dead-letter routing decisions.
 //!
-//! Attempts are numbered from 1 on the main topic. Tier `i` runs the attempts
-//! that follow the main attempt and the attempts of tiers before it, so with
-//! the default tiers (`retry-30s` and `retry-5m`, one attempt each) attempt 2
-//! runs on `retry-30s`, attempt 3 on `retry-5m`, and a third failure goes to
-//! the dead-letter topic. The decision depends only on the attempt that
+//! Attempts are numbered from 1 on the main topic, and each tier runs the
+//! attempts that follow those of the tiers before it. With the default tiers
+//! (`retry-30s` and `retry-5m`, one attempt each), attempt 2 runs on
+//! `retry-30s` and attempt 3 on `retry-5m`, and a third failure goes to the
+//! dead-letter topic. The decision depends only on the attempt that
 //! failed and the kind of failure, so every member reaches the same one.
 
 use crate::config::TierSettings;

@@ -299,3 +299,50 @@ fn bad_settings_name_the_key_and_fix() {
         .unwrap();
     assert!(!output.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_ensure_creates_then_reports_mismatch() {
+    let settings = settings("ensure", 2);
+    let dir = temp_dir();
+    let config = write_config(&dir, &settings, "kind = \"noop\"");
+    let config = config.to_str().unwrap();
+
+    let created = sluice(&["topics", "ensure", "--config", config, "--json"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // From here on the topics exist; delete them when the test ends.
+    let topics = Topics {
+        settings: settings.clone(),
+    };
+    let report: serde_json::Value = serde_json::from_slice(&created.stdout).expect("JSON report");
+    let statuses: Vec<&str> = report["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["result"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, vec!["created"; 4]);
+
+    let again = sluice(&["topics", "ensure", "--config", config]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("exists, matches"));
+
+    let changed = Command::new(sluice_binary())
+        .args(["topics", "ensure", "--config", config])
+        .env("SLUICE_TOPIC__PARTITIONS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(changed.status.code(), Some(3));
+    let stdout = String::from_utf8_lossy(&changed.stdout);
+    assert!(
+        stdout.contains("MISMATCH: partitions: wanted 3, actual 2"),
+        "{stdout}"
+    );
+    let partitions = offsets(&settings.worker.group_id, topics.main())
+        .await
+        .len();
+    assert_eq!(partitions, 2, "ensure must not change an existing topic");
+}

@@ -1,10 +1,10 @@
 //! `make demo`: the main job on real input, reconciled end to end.
 //!
-//! Starts a flaky webhook receiver, ensures fresh topics, starts workers
-//! (the real `sluice work` binary) in one group, produces the input with
-//! `sluice produce`, waits until the main and tier topics are drained, stops
-//! the workers with SIGTERM, and reconciles what the receiver and the
-//! dead-letter topic hold against the job ids of the input.
+//! Starts a flaky webhook receiver, ensures fresh topics, and starts workers
+//! (the real `sluice work` binary) in one group. Then it produces the input
+//! with `sluice produce`, waits until the main and tier topics are drained,
+//! and stops the workers with SIGTERM. Last, it reconciles the job ids of
+//! the input with what the receiver and the dead-letter topic contain.
 //!
 //! The receiver decides by a hash of the `Idempotency-Key`, so the same job
 //! gets the same treatment on every attempt:
@@ -57,7 +57,7 @@ struct Args {
     /// Folder for worker logs.
     #[arg(long, default_value = "target/demo")]
     log_dir: PathBuf,
-    /// Longest wait for the topics to drain, in seconds.
+    /// Maximum wait for the topics to drain, in seconds.
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
 }
@@ -420,9 +420,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Waits until the group's committed offsets reach the log end on every
-/// partition of `topics`, twice in a row (a retry copy appears on a tier
-/// topic before the source offset commits, so a zero lag everywhere means
-/// nothing is in flight).
+/// partition of `topics`, twice in a row. A retry copy appears on its tier
+/// topic before the source offset commits, so zero lag everywhere means
+/// that nothing is in flight.
 async fn wait_for_drain(
     kafka: &KafkaSettings,
     group: &str,

@@ -2,7 +2,7 @@
 //!
 //! A job is an ordinary Kafka record: key = partition key, value = payload,
 //! headers = metadata. [`headers`] defines sluice's own headers; [`decode`]
-//! turns a fetched [`Record`] into a [`Job`] or says why it cannot be one.
+//! turns a fetched [`Record`] into a [`Job`] or returns why it cannot be one.
 
 pub mod headers;
 
