@@ -2,8 +2,8 @@
 //!
 //! The job id travels as `Idempotency-Key`, so the endpoint can drop repeats
 //! that at-least-once delivery allows. 2xx is success; 408, 429, 5xx,
-//! connection errors and timeouts are retryable; other statuses are
-//! permanent.
+//! connection errors and timeouts are retryable; other statuses, redirects
+//! included, are permanent.
 
 use anyhow::Context;
 use pipeline::{HandlerError, Job};
@@ -27,6 +27,9 @@ impl HttpPush {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout())
             .pool_max_idle_per_host(settings.max_idle_connections)
+            // A redirect would turn the POST into a GET on most statuses, so
+            // a 3xx is reported as a permanent failure instead of followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("failed to build the HTTP client")?;
         Ok(HttpPush { client, url })
