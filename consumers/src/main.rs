@@ -34,6 +34,20 @@ enum Command {
     Config(commands::config::ConfigCommand),
 }
 
+/// Joins an error and its causes with ": ", leaving out a cause whose text
+/// the message before it already contains.
+fn cause_chain(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
@@ -58,7 +72,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cause_chain(&error));
             ExitCode::FAILURE
         }
     }

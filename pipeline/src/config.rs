@@ -301,9 +301,12 @@ pub struct WorkerSettings {
     pub commit_interval_ms: u64,
     #[serde(default = "default_payload_format")]
     pub payload_format: PayloadFormat,
-    /// Larger payloads go to the dead-letter topic as `oversized`.
-    #[serde(default = "default_max_payload_bytes")]
-    pub max_payload_bytes: usize,
+    /// Largest record (key, payload and headers) a worker runs; larger ones
+    /// go to the dead-letter topic as `oversized`. It must leave room for the
+    /// sluice headers under the producer's `message.max.bytes`, or a retry
+    /// copy could never be written.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
     /// JSON pointer to the job id inside the payload, used when a record has
     /// no `sluice-job-id` header. Without either, the job id is the record's
     /// first position on the main topic.
@@ -329,9 +332,18 @@ fn default_commit_interval_ms() -> u64 {
 fn default_payload_format() -> PayloadFormat {
     PayloadFormat::Json
 }
-fn default_max_payload_bytes() -> usize {
-    1_048_576
+/// 960 KiB: librdkafka's default `message.max.bytes` (1,000,000) minus
+/// [`COPY_HEADROOM_BYTES`].
+fn default_max_record_bytes() -> usize {
+    983_040
 }
+
+/// Room kept for the sluice headers a retry or dead-letter copy adds (the
+/// error message alone may take 512 bytes).
+pub const COPY_HEADROOM_BYTES: usize = 16_384;
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 impl WorkerSettings {
     pub fn handler_timeout(&self) -> Duration {
@@ -493,12 +505,27 @@ impl PipelineSettings {
             ("worker.handler_timeout_ms", worker.handler_timeout_ms),
             ("worker.drain_deadline_ms", worker.drain_deadline_ms),
             ("worker.commit_interval_ms", worker.commit_interval_ms),
-            ("worker.max_payload_bytes", worker.max_payload_bytes as u64),
+            ("worker.max_record_bytes", worker.max_record_bytes as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
                 return Err(ConfigError::invalid(key, 0, "must be at least 1"));
             }
+        }
+        let message_max_bytes = self
+            .kafka
+            .properties
+            .get("message.max.bytes")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
+        if worker.max_record_bytes + COPY_HEADROOM_BYTES > message_max_bytes {
+            return Err(ConfigError::invalid(
+                "worker.max_record_bytes",
+                worker.max_record_bytes,
+                format!(
+                    "must be at most message.max.bytes ({message_max_bytes}) minus {COPY_HEADROOM_BYTES} bytes for the headers of retry copies; lower it or raise kafka.properties.\"message.max.bytes\" (and the broker's limit)"
+                ),
+            ));
         }
         if let Some(pointer) = &worker.job_id_field {
             if !pointer.starts_with('/') {
@@ -639,6 +666,15 @@ mod tests {
             "{MINIMAL}[retry]\ntiers = [{{ name = \"r\", delay_ms = 10, attempts = 0 }}]\n"
         );
         assert!(parse(&text).unwrap_err().contains("retry.tiers.attempts"));
+    }
+
+    #[test]
+    fn record_limit_leaves_room_for_copy_headers() {
+        let error = parse(&format!("{MINIMAL}max_record_bytes = 1000000\n")).unwrap_err();
+        assert!(error.contains("worker.max_record_bytes"), "{error}");
+        assert!(error.contains("message.max.bytes"), "{error}");
+        let text = format!("{MINIMAL}max_record_bytes = 1000000\n[kafka.properties]\n\"message.max.bytes\" = \"2000000\"\n");
+        assert!(parse(&text).is_ok());
     }
 
     #[test]

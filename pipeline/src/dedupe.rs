@@ -21,6 +21,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
 
 use crate::config::{redact_url, DedupeSettings};
 
@@ -216,8 +217,21 @@ struct Batcher {
 impl Batcher {
     async fn run(mut self, mut receiver: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut available = true;
         while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
             let replies = self.execute(&batch).await;
+            // One line per change of state, however many jobs wait.
+            match replies.first() {
+                Some(Err(error)) if available => {
+                    warn!(%error, "Redis is unavailable; handling pauses and nothing is committed until it is back");
+                    available = false;
+                }
+                Some(Ok(_)) if !available => {
+                    info!("Redis is reachable again; handling resumes");
+                    available = true;
+                }
+                _ => {}
+            }
             for (request, reply) in batch.drain(..).zip(replies) {
                 answer(request, reply);
             }

@@ -21,13 +21,18 @@ pub const RESERVED_PROPERTIES: &[&str] = &[
     "acks",
     "request.required.acks",
     "isolation.level",
+    "auto.commit.enable",
 ];
 
 /// Rejects pass-through properties that would break commit or delivery
 /// guarantees.
 pub fn check_properties(kafka: &KafkaSettings) -> Result<(), ConfigError> {
     for key in kafka.properties.keys() {
-        if RESERVED_PROPERTIES.contains(&key.as_str()) {
+        // librdkafka property names are lowercase; compare that way so that
+        // a differently cased key is caught here, not at client creation.
+        let name = key.trim().to_ascii_lowercase();
+        let name = name.strip_prefix("topic.").unwrap_or(&name);
+        if RESERVED_PROPERTIES.contains(&name) {
             return Err(ConfigError::Invalid {
                 key: "kafka.properties",
                 value: key.clone(),
@@ -35,6 +40,27 @@ pub fn check_properties(kafka: &KafkaSettings) -> Result<(), ConfigError> {
             });
         }
     }
+    Ok(())
+}
+
+/// Lets librdkafka check `kafka.properties` by creating (and dropping) a
+/// producer and a consumer, so that `config check` reports an unknown or
+/// invalid property as `sluice work` would.
+pub fn check_client_properties(kafka: &KafkaSettings, group_id: &str) -> Result<(), ConfigError> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+
+    let invalid = |error: KafkaError| ConfigError::Invalid {
+        key: "kafka.properties",
+        value: format!("{:?}", kafka.properties.keys().collect::<Vec<_>>()),
+        reason: format!("librdkafka rejected them: {error}"),
+    };
+    producer_config(kafka)
+        .create::<BaseProducer>()
+        .map_err(invalid)?;
+    consumer_config(kafka, group_id)
+        .create::<BaseConsumer>()
+        .map_err(invalid)?;
     Ok(())
 }
 

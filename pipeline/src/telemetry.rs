@@ -66,8 +66,8 @@ pub struct Summary {
     /// Jobs skipped because a done marker showed they already succeeded.
     pub dedupe_skipped: u64,
     pub undecodable: u64,
-    /// Jobs given up at a revoke or stop before they were terminal; they stay
-    /// uncommitted and run again on the next owner.
+    /// Fetched records given up at a revoke or stop before they were
+    /// terminal; they stay uncommitted and run again on the next owner.
     pub abandoned: u64,
     pub redis_errors: u64,
     pub produce_errors: u64,

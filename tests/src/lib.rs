@@ -89,7 +89,7 @@ pub fn settings(name: &str, partitions: i32) -> PipelineSettings {
             drain_deadline_ms: 10_000,
             commit_interval_ms: 200,
             payload_format: PayloadFormat::Json,
-            max_payload_bytes: 1_048_576,
+            max_record_bytes: 983_040,
             job_id_field: None,
         },
     }
@@ -526,7 +526,8 @@ pub struct Delivery {
 
 /// An HTTP endpoint for the `http` handler, scripted by the payload like
 /// [`Scripted`]: `mode` = `ok`, `fail` (503), `fail_first` (503 on attempt
-/// 1), `reject` (400), with an optional `sleep_ms` before answering.
+/// 1), `reject` (400), `redirect` (301), with an optional `sleep_ms` before
+/// the response.
 #[derive(Clone)]
 pub struct Webhook {
     pub url: String,
@@ -558,6 +559,7 @@ impl Webhook {
                             tokio::time::sleep(Duration::from_millis(ms)).await;
                         }
                         let status = match value["mode"].as_str().unwrap_or("ok") {
+                            "redirect" => 301,
                             "fail" => 503,
                             "fail_first" if attempt == 1 => 503,
                             "reject" => 400,
@@ -568,8 +570,9 @@ impl Webhook {
                             attempt,
                             status,
                         });
-                        axum::http::StatusCode::from_u16(status)
-                            .unwrap_or(axum::http::StatusCode::OK)
+                        let status = axum::http::StatusCode::from_u16(status)
+                            .unwrap_or(axum::http::StatusCode::OK);
+                        (status, [(axum::http::header::LOCATION, "/elsewhere")])
                     }
                 },
             ),

@@ -156,13 +156,19 @@ async fn http_push_walks_tiers_with_idempotency_key() {
         ),
         job(topics.main(), "http-reject", "c", json!({"mode": "reject"})),
         job(topics.main(), "http-ok", "d", json!({"mode": "ok"})),
+        job(
+            topics.main(),
+            "http-redirect",
+            "e",
+            json!({"mode": "redirect"}),
+        ),
     ])
     .await;
 
     let worker = WorkerProcess::start(&config);
     let dlq = topics.dlq();
-    wait_until("two dead letters", HANG_GUARD, || async {
-        read_all(&dlq).await.len() == 2
+    wait_until("three dead letters", HANG_GUARD, || async {
+        read_all(&dlq).await.len() == 3
     })
     .await;
     wait_until("lag 0", HANG_GUARD, || async {
@@ -183,6 +189,8 @@ async fn http_push_walks_tiers_with_idempotency_key() {
     assert_eq!(attempts("http-first"), vec![(1, 503), (2, 204)]);
     assert_eq!(attempts("http-reject"), vec![(1, 400)]);
     assert_eq!(attempts("http-ok"), vec![(1, 204)]);
+    // A redirect is not followed (it would resend the job as a GET).
+    assert_eq!(attempts("http-redirect"), vec![(1, 301)]);
 
     let dead = read_all(&dlq).await;
     let by_id = |id: &str| {
@@ -201,6 +209,10 @@ async fn http_push_walks_tiers_with_idempotency_key() {
     assert_eq!(
         header(&by_id("http-reject").headers, headers::ERROR_CLASS),
         Some("http_4xx")
+    );
+    assert_eq!(
+        header(&by_id("http-redirect").headers, headers::ERROR_CLASS),
+        Some("http_status")
     );
 }
 
@@ -244,6 +256,20 @@ async fn produce_reports_bad_lines_by_number() {
     assert!(stderr.contains("line 2: not valid JSON"), "{stderr}");
     assert!(stderr.contains("--on-bad-line skip"), "{stderr}");
 
+    let missing = sluice(&[
+        "produce",
+        "--topic",
+        "t-no-such-topic",
+        "--input",
+        input,
+        "--brokers",
+        &brokers,
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains("topics ensure"), "{stderr}");
+
     let mut args = base.to_vec();
     args.extend(["--on-bad-line", "skip", "--json"]);
     let skipped = sluice(&args);
@@ -256,6 +282,7 @@ async fn produce_reports_bad_lines_by_number() {
     assert_eq!(summary["produced"], 2);
     assert_eq!(summary["skipped_lines"], 2);
     assert_eq!(summary["bad_lines"], json!([2, 4]));
+    assert_eq!(summary["blank_lines"], 1);
     let stderr = String::from_utf8_lossy(&skipped.stderr);
     assert!(
         stderr.contains("line 4: missing key field /repo"),

@@ -197,6 +197,11 @@ async fn undecodable_records_dead_letter_and_neighbors_run() {
         raw(None),
         raw(Some(&[0xff, 0xfe, 0x00])),
         raw(Some(b"{\"broken\": ")),
+        OutgoingRecord {
+            headers: vec![(headers::JOB_ID.to_owned(), Some(Vec::new()))],
+            ..raw(Some(b"{}"))
+        },
+        raw(Some(format!("\"{}\"", "x".repeat(990_000)).as_bytes())),
         job(topics.main(), "good-2", "same-key", json!({})),
     ])
     .await;
@@ -216,7 +221,16 @@ async fn undecodable_records_dead_letter_and_neighbors_run() {
         .iter()
         .filter_map(|r| header(&r.headers, headers::ERROR_CLASS))
         .collect();
-    assert_eq!(classes, vec!["null_value", "invalid_utf8", "invalid_json"]);
+    assert_eq!(
+        classes,
+        vec![
+            "null_value",
+            "invalid_utf8",
+            "invalid_json",
+            "invalid_header",
+            "oversized"
+        ]
+    );
     assert_eq!(dead[0].value, None);
     assert_eq!(dead[1].value.as_deref(), Some(&[0xff, 0xfe, 0x00][..]));
     assert_eq!(header(&dead[1].headers, headers::ORIGIN_OFFSET), Some("2"));

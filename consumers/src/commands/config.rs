@@ -9,8 +9,9 @@ use crate::settings::ServiceSettings;
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Load and validate a settings file with its SLUICE_ overrides, then
-    /// print the derived topics. Secrets are not printed.
+    /// Load and validate a settings file with its SLUICE_ overrides, let
+    /// librdkafka check kafka.properties, then print the derived topics.
+    /// Secrets are not printed.
     Check(CheckArgs),
 }
 
@@ -24,6 +25,7 @@ pub struct CheckArgs {
 pub fn run(command: ConfigCommand) -> anyhow::Result<ExitCode> {
     let ConfigCommand::Check(args) = command;
     let settings = ServiceSettings::load(&args.config)?;
+    pipeline::kafka::check_client_properties(&settings.kafka, &settings.worker.group_id)?;
     let pipeline = settings.pipeline();
     println!("{}: valid", args.config.display());
     println!("  group:   {}", settings.worker.group_id);

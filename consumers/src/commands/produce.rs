@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::config::KafkaSettings;
-use pipeline::produce::ndjson::{parse_line, LineRules};
+use pipeline::produce::ndjson::{parse_line, LineError, LineRules};
 use pipeline::produce::{JobProducer, ProduceError};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -67,6 +67,8 @@ struct Summary {
     produced: u64,
     failed: u64,
     skipped_lines: u64,
+    /// Empty or whitespace-only lines, which carry no job.
+    blank_lines: u64,
     bad_lines: Vec<u64>,
     elapsed_s: f64,
     records_per_s: f64,
@@ -93,6 +95,16 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         kafka.brokers = brokers.clone();
     }
     let producer = JobProducer::new(&kafka)?;
+
+    // Fail fast with a clear message instead of retrying deliveries to a
+    // missing topic or an unreachable cluster until they time out.
+    let (check_kafka, topic) = (kafka.clone(), args.topic.clone());
+    tokio::task::spawn_blocking(move || {
+        pipeline::admin::topics::partition_count(&check_kafka, &topic)
+    })
+    .await
+    .context("topic check failed")?
+    .with_context(|| format!("cannot produce to {} at {}", args.topic, kafka.brokers))?;
 
     let input: Box<dyn AsyncRead + Unpin + Send> = if args.input == "-" {
         Box::new(tokio::io::stdin())
@@ -162,10 +174,29 @@ async fn produce_lines(
         }
         line_number += 1;
         let content = line.strip_suffix(b"\n").unwrap_or(&line);
-        let record = match parse_line(&args.topic, line_number, content, rules) {
-            Ok(Some(record)) => record,
-            Ok(None) => continue,
-            Err(error) => match args.on_bad_line {
+        let parsed = parse_line(&args.topic, line_number, content, rules);
+        let bad = match parsed {
+            Ok(Some(record)) => match producer.enqueue(&record).await {
+                Ok(delivery) => {
+                    pending.push(delivery.wait());
+                    None
+                }
+                Err(error) if !error.is_retryable() => Some(LineError {
+                    line: line_number,
+                    reason: format!(
+                        "rejected by the producer ({error}); a record must fit in message.max.bytes (1000000 unless --config raises it)"
+                    ),
+                }),
+                Err(error) => return Err(error.into()),
+            },
+            Ok(None) => {
+                summary.blank_lines += 1;
+                None
+            }
+            Err(error) => Some(error),
+        };
+        if let Some(error) = bad {
+            match args.on_bad_line {
                 OnBadLine::Fail => {
                     drain(&mut pending, summary, &mut first_error).await;
                     bail!("{error}; fix the line or pass --on-bad-line skip to skip bad lines");
@@ -176,11 +207,9 @@ async fn produce_lines(
                     if summary.bad_lines.len() < MAX_BAD_LINES_LISTED {
                         summary.bad_lines.push(line_number);
                     }
-                    continue;
                 }
-            },
-        };
-        pending.push(producer.enqueue(&record).await?.wait());
+            }
+        }
         if pending.len() >= MAX_PENDING_DELIVERIES {
             if let Some(result) = pending.next().await {
                 count(result, summary, &mut first_error);
@@ -242,7 +271,13 @@ fn print_summary(summary: &Summary, json: bool) {
         return;
     }
     println!(
-        "produced {} record(s) to {} in {:.2} s ({:.0} records/s); {} failed, {} bad line(s) skipped",
-        summary.produced, summary.topic, summary.elapsed_s, summary.records_per_s, summary.failed, summary.skipped_lines
+        "produced {} record(s) to {} in {:.2} s ({:.0} records/s); {} failed, {} bad line(s) skipped, {} blank line(s)",
+        summary.produced,
+        summary.topic,
+        summary.elapsed_s,
+        summary.records_per_s,
+        summary.failed,
+        summary.skipped_lines,
+        summary.blank_lines
     );
 }

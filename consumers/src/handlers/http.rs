@@ -60,8 +60,12 @@ impl HttpPush {
             return Ok(());
         }
         let body = response.text().await.unwrap_or_default();
-        let body = pipeline::envelope::headers::truncate(&body, MAX_BODY_IN_ERROR);
-        Err(classify_status(status, body))
+        // One line: an HTML error page would otherwise span many log lines.
+        let body: String = pipeline::envelope::headers::truncate(&body, MAX_BODY_IN_ERROR)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Err(classify_status(status, &body))
     }
 }
 

@@ -165,6 +165,32 @@ async fn compare(
     })
 }
 
+/// Returns the partition count of `topic`, failing when it does not exist
+/// or the brokers cannot be reached. Blocking.
+pub fn partition_count(kafka: &KafkaSettings, topic: &str) -> Result<usize, AdminError> {
+    let client = admin(kafka)?;
+    let metadata = client
+        .inner()
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|source| AdminError::Request {
+            operation: "read topic metadata",
+            brokers: kafka.brokers.clone(),
+            source,
+        })?;
+    let count = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .sum();
+    if count == 0 {
+        return Err(AdminError::MissingTopic {
+            topic: topic.to_owned(),
+        });
+    }
+    Ok(count)
+}
+
 /// Deletes topics; used by tests to clean up after themselves.
 pub async fn delete(kafka: &KafkaSettings, names: &[&str]) -> Result<(), AdminError> {
     let client = admin(kafka)?;

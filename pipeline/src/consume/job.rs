@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::{RedisUnavailable, TierSettings};
@@ -69,7 +69,6 @@ pub(crate) async fn run_lane<H: Handler>(
         let permit = tokio::select! {
             permit = shared.permits.clone().acquire_owned() => permit,
             () = cancel.cancelled() => {
-                Counters::bump(&shared.ctx.counters.abandoned);
                 shared.lock().end_lane(&partition, &lane, epoch);
                 break;
             }
@@ -80,7 +79,6 @@ pub(crate) async fn run_lane<H: Handler>(
 
         let finish = process(&shared.ctx, record, &cancel).await;
         if finish == Finish::Abandoned {
-            Counters::bump(&shared.ctx.counters.abandoned);
             shared.lock().end_lane(&partition, &lane, epoch);
             break;
         }
@@ -104,7 +102,7 @@ pub(crate) async fn process<H: Handler>(
     let token = match claim(ctx, &job, cancel).await {
         ClaimOutcome::Run(token) => token,
         ClaimOutcome::Skip => {
-            debug!(job_id = %job.id, "skipped job that already succeeded");
+            info!(job_id = %job.id, topic = %job.record.topic, offset = job.record.offset, "skipped job: its done marker shows it already succeeded");
             Counters::bump(&ctx.counters.dedupe_skipped);
             return Finish::Skipped;
         }
@@ -219,11 +217,9 @@ where
 }
 
 fn log_redis_wait(error: &DedupeError, what: &str, attempts: u32, delay: Duration) {
-    // The first failure and then every 20th, so an outage does not flood the
-    // log from every running job.
-    if attempts == 1 || attempts % 20 == 0 {
-        warn!(%error, attempts, retry_in_ms = delay.as_millis() as u64, "failed to {what}; handling waits for Redis");
-    }
+    // The dedupe client logs when Redis goes away and comes back; per job,
+    // a debug line is enough.
+    debug!(%error, attempts, retry_in_ms = delay.as_millis() as u64, "failed to {what}; the job waits for Redis");
 }
 
 async fn release_best_effort<H>(ctx: &JobContext<H>, job: &Job, token: Option<&ClaimToken>) {
@@ -278,53 +274,80 @@ async fn forward_failure<H: Handler>(
     cancel: &CancellationToken,
 ) -> Finish {
     let hop = next_hop(&ctx.tiers, job.attempt, error.kind);
-    let (topic, attempt, tier, due_ms, finish, counter) = match hop {
+    let copy = failure_copy(ctx, job, hop, error.class, &error.message);
+    let rejection = match send_durably(ctx, &copy, cancel, hop).await {
+        Sent::Durable => None,
+        Sent::Cancelled => return Finish::Abandoned,
+        Sent::Rejected(rejection) => Some(rejection),
+    };
+
+    if let (Some(rejection), Hop::Retry { .. }) = (rejection, hop) {
+        // The broker will never take this copy (it is too large, say), so
+        // the job cannot walk the tiers: it becomes a dead letter instead.
+        warn!(job_id = %job.id, topic = copy.topic, %rejection, "retry copy rejected by Kafka; dead-lettering the job");
+        let message = format!(
+            "the retry copy to {} was rejected ({rejection}) after {}: {}",
+            copy.topic, error.class, error.message
+        );
+        let hop = Hop::DeadLetter {
+            attempts: job.attempt,
+        };
+        let dead = failure_copy(ctx, job, hop, "copy_rejected", &message);
+        if let Sent::Cancelled = send_durably(ctx, &dead, cancel, hop).await {
+            return Finish::Abandoned;
+        }
+        Counters::bump(&ctx.counters.dead_lettered);
+        return Finish::DeadLettered;
+    }
+
+    match hop {
+        Hop::Retry { tier, attempt } => {
+            debug!(job_id = %job.id, attempt, topic = copy.topic, class = error.class, "job will be retried");
+            Counters::bump(&ctx.counters.retried);
+            Counters::bump(&ctx.counters.retried_by_tier[tier]);
+            Finish::Retried
+        }
+        Hop::DeadLetter { attempts } => {
+            info!(job_id = %job.id, attempts, topic = copy.topic, class = error.class, error = %error.message, "job dead-lettered");
+            Counters::bump(&ctx.counters.dead_lettered);
+            Finish::DeadLettered
+        }
+    }
+}
+
+/// Builds the copy of a failed job for `hop`: same key, payload and user
+/// headers, one fresh set of sluice headers.
+fn failure_copy<H>(
+    ctx: &JobContext<H>,
+    job: &Job,
+    hop: Hop,
+    class: &str,
+    message: &str,
+) -> OutgoingRecord {
+    let (topic, attempt, tier, due_ms) = match hop {
         Hop::Retry { tier, attempt } => (
-            ctx.tier_topics[tier].as_str(),
+            ctx.tier_topics[tier].clone(),
             attempt,
             ctx.tiers[tier].name.clone(),
             Some(now_ms() + ctx.tiers[tier].delay_ms as i64),
-            Finish::Retried,
-            &ctx.counters.retried_by_tier[tier],
         ),
-        Hop::DeadLetter { attempts } => (
-            ctx.dlq_topic.as_str(),
-            attempts,
-            "dlq".to_owned(),
-            None,
-            Finish::DeadLettered,
-            &ctx.counters.dead_lettered,
-        ),
+        Hop::DeadLetter { attempts } => (ctx.dlq_topic.clone(), attempts, "dlq".to_owned(), None),
     };
     let sluice = SluiceHeaders {
         job_id: Some(job.id.clone()),
         attempt: Some(attempt),
         tier: Some(tier),
         due_ms,
-        error_class: Some(error.class.to_owned()),
-        error_message: Some(error.message.clone()),
+        error_class: Some(class.to_owned()),
+        error_message: Some(message.to_owned()),
         origin: Some(job.origin.clone()),
     };
-    let copy = OutgoingRecord {
-        topic: topic.to_owned(),
+    OutgoingRecord {
+        topic,
         key: job.record.key.clone(),
         payload: job.record.value.clone(),
         headers: headers::replace_sluice_headers(&job.record.headers, &sluice),
-    };
-    if !send_durably(ctx, &copy, cancel).await {
-        return Finish::Abandoned;
     }
-    match hop {
-        Hop::Retry { .. } => {
-            debug!(job_id = %job.id, attempt, topic, class = error.class, "job will be retried");
-            Counters::bump(&ctx.counters.retried);
-        }
-        Hop::DeadLetter { .. } => {
-            info!(job_id = %job.id, attempt, topic, class = error.class, error = %error.message, "job dead-lettered");
-        }
-    }
-    Counters::bump(counter);
-    finish
 }
 
 async fn dead_letter_undecodable<H>(
@@ -352,7 +375,9 @@ async fn dead_letter_undecodable<H>(
         payload: record.value.clone(),
         headers: headers::replace_sluice_headers(&headers::user_headers(&record.headers), &sluice),
     };
-    if !send_durably(ctx, &copy, cancel).await {
+    if let Sent::Cancelled =
+        send_durably(ctx, &copy, cancel, Hop::DeadLetter { attempts: attempt }).await
+    {
         return Finish::Abandoned;
     }
     warn!(
@@ -369,29 +394,45 @@ async fn dead_letter_undecodable<H>(
     Finish::DeadLettered
 }
 
-/// Produces `copy` until a delivery report confirms it. Returns `false` when
-/// `cancel` fired first, and the source record then stays uncommitted.
+/// How writing a copy ended.
+enum Sent {
+    Durable,
+    /// `cancel` fired while waiting to retry; the source stays uncommitted.
+    Cancelled,
+    /// Kafka rejected a retry copy for good (only for [`Hop::Retry`]).
+    Rejected(crate::produce::ProduceError),
+}
+
+/// Produces `copy` until a delivery report confirms it. A retry copy that
+/// Kafka can never accept is returned as rejected; a dead letter is retried
+/// whatever the error, because dropping it would lose the job.
 async fn send_durably<H>(
     ctx: &JobContext<H>,
     copy: &OutgoingRecord,
     cancel: &CancellationToken,
-) -> bool {
+    hop: Hop,
+) -> Sent {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         // An attempt in progress is not interrupted by `cancel`: a revoke
         // waits for it within the drain deadline, so the copy usually lands
         // and the record becomes terminal before the partition moves.
-        match ctx.producer.send(copy).await {
-            Ok(_) => return true,
-            Err(error) => {
-                Counters::bump(&ctx.counters.produce_errors);
-                let delay = backoff.next_delay();
-                warn!(topic = copy.topic, %error, retry_in_ms = delay.as_millis() as u64, "failed to write a retry or dead-letter copy; the source record stays uncommitted until it succeeds");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = cancel.cancelled() => return false,
-                }
+        let error = match ctx.producer.send(copy).await {
+            Ok(_) => return Sent::Durable,
+            Err(error) => error,
+        };
+        Counters::bump(&ctx.counters.produce_errors);
+        if !error.is_retryable() {
+            if let Hop::Retry { .. } = hop {
+                return Sent::Rejected(error);
             }
+            error!(topic = copy.topic, %error, "Kafka rejects the dead-letter copy; the source record stays uncommitted until message.max.bytes or the topic is fixed");
+        }
+        let delay = backoff.next_delay();
+        warn!(topic = copy.topic, %error, retry_in_ms = delay.as_millis() as u64, "failed to write a retry or dead-letter copy; the source record stays uncommitted until it succeeds");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => return Sent::Cancelled,
         }
     }
 }

@@ -147,7 +147,7 @@ impl<H: Handler> Worker<H> {
             producer: JobProducer::new(&settings.kafka)?,
             rules: DecodeRules {
                 payload_format: settings.worker.payload_format,
-                max_payload_bytes: settings.worker.max_payload_bytes,
+                max_record_bytes: settings.worker.max_record_bytes,
                 job_id_field: settings.worker.job_id_field.clone(),
             },
             tiers: settings.retry.tiers.clone(),

@@ -255,6 +255,11 @@ fn drain<H: Handler>(
     drop(state);
 
     let abandoned: usize = released.iter().map(|r| r.abandoned).sum();
+    shared
+        .ctx
+        .counters
+        .abandoned
+        .fetch_add(abandoned as u64, std::sync::atomic::Ordering::Relaxed);
     let offsets: Vec<_> = released
         .into_iter()
         .filter_map(|r| Some((r.partition, r.commit?)))

@@ -108,8 +108,26 @@ impl SluiceHeaders {
                 continue;
             };
             match name.as_str() {
-                JOB_ID => decoded.job_id = Some(text(JOB_ID, value)?.to_owned()),
-                ATTEMPT => decoded.attempt = Some(number(ATTEMPT, value)?),
+                JOB_ID => {
+                    let id = text(JOB_ID, value)?;
+                    if id.is_empty() {
+                        return Err(HeaderError {
+                            name: JOB_ID,
+                            reason: "empty; a job id needs at least one character".to_owned(),
+                        });
+                    }
+                    decoded.job_id = Some(id.to_owned());
+                }
+                ATTEMPT => {
+                    let attempt: u32 = number(ATTEMPT, value)?;
+                    if attempt == 0 {
+                        return Err(HeaderError {
+                            name: ATTEMPT,
+                            reason: "0; attempts are numbered from 1".to_owned(),
+                        });
+                    }
+                    decoded.attempt = Some(attempt);
+                }
                 TIER => decoded.tier = Some(text(TIER, value)?.to_owned()),
                 DUE_MS => decoded.due_ms = Some(number(DUE_MS, value)?),
                 ERROR_CLASS => decoded.error_class = Some(text(ERROR_CLASS, value)?.to_owned()),
@@ -259,6 +277,14 @@ mod tests {
     }
 
     #[test]
+    fn empty_job_id_and_attempt_zero_are_invalid() {
+        let empty = vec![(JOB_ID.to_owned(), Some(Vec::new()))];
+        assert_eq!(SluiceHeaders::decode(&empty).unwrap_err().name, JOB_ID);
+        let zero = vec![(ATTEMPT.to_owned(), Some(b"0".to_vec()))];
+        assert_eq!(SluiceHeaders::decode(&zero).unwrap_err().name, ATTEMPT);
+    }
+
+    #[test]
     fn invalid_attempt_names_the_header() {
         let headers = vec![(ATTEMPT.to_owned(), Some(b"two".to_vec()))];
         let error = SluiceHeaders::decode(&headers).unwrap_err();
@@ -280,7 +306,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_headers_round_trip(
-            job_id in proptest::option::of(".{0,40}"),
+            job_id in proptest::option::of(".{1,40}"),
             attempt in proptest::option::of(1u32..1000),
             due in proptest::option::of(0i64..i64::MAX),
             partition in 0i32..1000,

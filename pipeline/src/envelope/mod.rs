@@ -92,7 +92,7 @@ pub enum DecodeError {
     InvalidUtf8(String),
     #[error("payload is not valid JSON: {0}")]
     InvalidJson(String),
-    #[error("payload has {size} bytes, more than worker.max_payload_bytes ({max})")]
+    #[error("record has {size} bytes (key, payload and headers), more than worker.max_record_bytes ({max})")]
     Oversized { size: usize, max: usize },
     #[error(transparent)]
     InvalidHeader(#[from] headers::HeaderError),
@@ -114,7 +114,7 @@ impl DecodeError {
 #[derive(Debug, Clone)]
 pub struct DecodeRules {
     pub payload_format: PayloadFormat,
-    pub max_payload_bytes: usize,
+    pub max_record_bytes: usize,
     /// JSON pointer to the job id in the payload, when no header carries it.
     pub job_id_field: Option<String>,
 }
@@ -132,12 +132,12 @@ pub struct Envelope {
 
 /// Reads the identity of the job in `record` from its headers.
 ///
-/// The job id is the `sluice-job-id` header, else the position on the main
-/// topic. [`decode`] may still replace that fallback with a payload field.
+/// The job id is the `sluice-job-id` header, else the first position on the
+/// main topic with its timestamp. [`decode`] may still replace that fallback with a payload field.
 pub fn envelope(record: &Record) -> Result<Envelope, DecodeError> {
     let sluice = SluiceHeaders::decode(&record.headers)?;
     let origin = sluice.origin.unwrap_or_else(|| record.position());
-    let id = sluice.job_id.unwrap_or_else(|| origin.to_string());
+    let id = sluice.job_id.unwrap_or_else(|| fallback_id(&origin));
     Ok(Envelope {
         id,
         attempt: sluice.attempt.unwrap_or(1).max(1),
@@ -145,6 +145,16 @@ pub fn envelope(record: &Record) -> Result<Envelope, DecodeError> {
         tier: sluice.tier,
         due_ms: sluice.due_ms,
     })
+}
+
+/// The job id of a record that carries none: its first position, with its
+/// timestamp so that a topic deleted and created again does not reuse the
+/// ids (and done markers) of the old one.
+fn fallback_id(origin: &Origin) -> String {
+    match origin.timestamp_ms {
+        Some(timestamp) => format!("{origin}:{timestamp}"),
+        None => origin.to_string(),
+    }
 }
 
 /// Turns a fetched record into a job, or explains why it is undecodable.
@@ -178,10 +188,11 @@ fn check_payload(record: &Record, rules: &DecodeRules) -> Result<Option<String>,
     let Some(value) = record.value.as_deref() else {
         return Err(DecodeError::NullValue);
     };
-    if value.len() > rules.max_payload_bytes {
+    let size = record_size(record);
+    if size > rules.max_record_bytes {
         return Err(DecodeError::Oversized {
-            size: value.len(),
-            max: rules.max_payload_bytes,
+            size,
+            max: rules.max_record_bytes,
         });
     }
     if rules.payload_format == PayloadFormat::Bytes {
@@ -194,8 +205,20 @@ fn check_payload(record: &Record, rules: &DecodeRules) -> Result<Option<String>,
         .job_id_field
         .as_deref()
         .and_then(|pointer| parsed.pointer(pointer))
-        .and_then(json_scalar_to_string);
+        .and_then(json_scalar_to_string)
+        .filter(|id| !id.is_empty());
     Ok(id)
+}
+
+/// Bytes of a record's key, value and headers: what its copies must fit
+/// into, before the sluice headers they add.
+pub fn record_size(record: &Record) -> usize {
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.as_ref().map_or(0, Vec::len))
+        .sum();
+    record.key.as_ref().map_or(0, Vec::len) + record.value.as_ref().map_or(0, Vec::len) + headers
 }
 
 /// Renders a JSON string or number as a job id or key; other types have no
@@ -215,7 +238,7 @@ mod tests {
     fn rules(format: PayloadFormat) -> DecodeRules {
         DecodeRules {
             payload_format: format,
-            max_payload_bytes: 64,
+            max_record_bytes: 64,
             job_id_field: Some("/id".into()),
         }
     }
@@ -246,7 +269,7 @@ mod tests {
         assert_eq!(job.id, "h-1");
 
         let job = decode(record(Some(b"{}")), &rules(PayloadFormat::Json)).unwrap();
-        assert_eq!(job.id, "jobs/2@17");
+        assert_eq!(job.id, "jobs/2@17:5");
     }
 
     #[test]
