@@ -3,6 +3,7 @@
 mod commands;
 mod handlers;
 mod logging;
+mod server;
 mod settings;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     /// Manage the main, retry-tier and dead-letter topics.
     #[command(subcommand)]
     Topics(commands::topics::TopicsCommand),
+    /// Show offsets, lag and dead letters of the configured group.
+    Status(commands::status::StatusArgs),
     /// Check a settings file.
     #[command(subcommand)]
     Config(commands::config::ConfigCommand),
@@ -50,7 +53,13 @@ fn cause_chain(error: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let telemetry = match logging::init(cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {}", cause_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,9 +75,12 @@ fn main() -> ExitCode {
             Command::Produce(args) => commands::produce::run(args).await,
             Command::Work(args) => commands::work::run(args).await,
             Command::Topics(command) => commands::topics::run(command).await,
+            Command::Status(args) => commands::status::run(args).await,
             Command::Config(command) => commands::config::run(command),
         }
     });
+    // Flush traces before the runtime, which the exporter does not need, goes.
+    drop(telemetry);
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -22,6 +22,30 @@ pub struct ServiceSettings {
     pub dedupe: DedupeSettings,
     pub worker: WorkerSettings,
     pub handler: HandlerSettings,
+    #[serde(default)]
+    pub server: ServerSettings,
+}
+
+/// The metrics and health endpoints of `sluice work`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// `host:port` to serve `/metrics`, `/healthz` and `/readyz` on; port 0
+    /// picks a free port and logs it.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:9464".to_owned()
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: default_listen(),
+        }
+    }
 }
 
 /// Which built-in handler runs the jobs.
@@ -73,6 +97,13 @@ impl ServiceSettings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pipeline().validate()?;
         pipeline::kafka::check_properties(&self.kafka)?;
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                key: "server.listen",
+                value: format!("{:?}", self.server.listen),
+                reason: "must be an IP address and port such as \"0.0.0.0:9464\"".to_owned(),
+            });
+        }
         if let HandlerSettings::Http(http) = &self.handler {
             if !(http.url.starts_with("http://") || http.url.starts_with("https://")) {
                 return Err(ConfigError::Invalid {

@@ -24,7 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::{redact_url, DedupeSettings};
+use crate::telemetry::health::Health;
 
+/// How often an idle worker checks that Redis answers.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// Most requests sent in one pipeline.
 const MAX_BATCH: usize = 512;
 /// Requests waiting for the batching task before callers wait for room.
@@ -118,10 +121,14 @@ impl Dedupe {
     /// fails as [`DedupeError::Unavailable`] until it is up.
     ///
     /// Must be called inside a Tokio runtime, which runs the batching task.
+    ///
+    /// `health` learns whether Redis answers; an idle worker pings Redis
+    /// every [`PING_INTERVAL`] so that readiness stays current.
     pub fn connect(
         settings: &DedupeSettings,
         group_id: &str,
         member: &str,
+        health: Arc<Health>,
     ) -> Result<Self, DedupeError> {
         let invalid = |source| DedupeError::InvalidUrl {
             url: redact_url(&settings.redis_url),
@@ -141,6 +148,7 @@ impl Dedupe {
             release: Script::new(RELEASE_SCRIPT),
             lease_ms: settings.lease_ms,
             done_ttl_ms: settings.done_ttl_ms,
+            health,
         };
         tokio::spawn(batcher.run(receiver));
         Ok(Dedupe {
@@ -202,12 +210,24 @@ impl Dedupe {
     }
 }
 
+impl DedupeError {
+    /// Bounded kind for the `redis_errors` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DedupeError::InvalidUrl { .. } => "invalid_url",
+            DedupeError::Unavailable(_) => "unavailable",
+            DedupeError::UnexpectedReply { .. } => "unexpected_reply",
+        }
+    }
+}
+
 fn stopped() -> DedupeError {
     DedupeError::Unavailable("the dedupe batching task stopped".to_owned())
 }
 
 struct Batcher {
     connection: ConnectionManager,
+    health: Arc<Health>,
     claim: Script,
     release: Script,
     lease_ms: u64,
@@ -217,25 +237,51 @@ struct Batcher {
 impl Batcher {
     async fn run(mut self, mut receiver: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        let mut available = true;
-        while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let replies = self.execute(&batch).await;
-            // One line per change of state, however many jobs wait.
-            match replies.first() {
-                Some(Err(error)) if available => {
-                    warn!(%error, "Redis is unavailable; handling pauses and nothing is committed until it is back");
-                    available = false;
+        let mut available = None;
+        loop {
+            let received =
+                tokio::time::timeout(PING_INTERVAL, receiver.recv_many(&mut batch, MAX_BATCH))
+                    .await;
+            let outcome = match received {
+                Ok(0) => break,
+                Ok(_) => {
+                    let replies = self.execute(&batch).await;
+                    let outcome = replies.first().cloned().map(|reply| reply.map(|_| ()));
+                    for (request, reply) in batch.drain(..).zip(replies) {
+                        answer(request, reply);
+                    }
+                    outcome
                 }
-                Some(Ok(_)) if !available => {
-                    info!("Redis is reachable again; handling resumes");
-                    available = true;
-                }
-                _ => {}
-            }
-            for (request, reply) in batch.drain(..).zip(replies) {
-                answer(request, reply);
+                // Idle: a ping keeps readiness current.
+                Err(_) => Some(self.ping().await),
+            };
+            if let Some(outcome) = outcome {
+                available = Some(self.note_state(available, outcome));
             }
         }
+    }
+
+    async fn ping(&mut self) -> Result<(), String> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.connection)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Logs one line per change between reachable and unreachable, however
+    /// many jobs wait, and tells readiness. Returns the new state.
+    fn note_state(&self, before: Option<bool>, outcome: Result<(), String>) -> bool {
+        let now = outcome.is_ok();
+        self.health.set_redis_up(now);
+        match (before, outcome) {
+            (Some(true) | None, Err(error)) => {
+                warn!(%error, "Redis is unavailable; handling pauses and nothing is committed until it is back")
+            }
+            (Some(false), Ok(())) => info!("Redis is reachable again; handling resumes"),
+            _ => {}
+        }
+        now
     }
 
     /// Sends the batch as one pipeline, loading the scripts first if Redis

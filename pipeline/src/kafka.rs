@@ -106,7 +106,9 @@ pub fn consumer_config(kafka: &KafkaSettings, group_id: &str) -> ClientConfig {
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
         .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        // Statistics feed the lag metric and readiness.
+        .set("statistics.interval.ms", "5000");
     apply_properties(&mut config, kafka);
     config
 }

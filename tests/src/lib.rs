@@ -361,6 +361,9 @@ commit_interval_ms = {commit}
 
 [handler]
 {handler}
+
+[server]
+listen = "127.0.0.1:{port}"
 "#,
         brokers = settings.kafka.brokers,
         topic = settings.topic.name,
@@ -373,6 +376,7 @@ commit_interval_ms = {commit}
         timeout = settings.worker.handler_timeout_ms,
         drain = settings.worker.drain_deadline_ms,
         commit = settings.worker.commit_interval_ms,
+        port = free_port(),
     );
     let path = dir.join(format!("{}.toml", settings.topic.name));
     std::fs::write(&path, text).expect("write config");
@@ -385,14 +389,30 @@ pub struct WorkerProcess {
     pub log: PathBuf,
 }
 
+/// The `server.listen` address written into a settings file.
+pub fn server_address(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).expect("read config");
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("listen = "))
+        .expect("listen line");
+    line.trim_start_matches("listen = ").trim_matches('"').to_owned()
+}
+
 impl WorkerProcess {
     pub fn start(config: &Path) -> WorkerProcess {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts a worker with extra environment variables (`OTEL_*`, say).
+    pub fn start_with_env(config: &Path, env: &[(&str, String)]) -> WorkerProcess {
         let log = config.with_extension(format!("{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(sluice_binary())
             .args(["work", "--config"])
             .arg(config)
             .env("RUST_LOG", "info,pipeline=debug")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(file))
             .spawn()
@@ -601,4 +621,119 @@ impl Webhook {
     pub fn handler_section(&self) -> String {
         format!("kind = \"http\"\nurl = \"{}\"\ntimeout_ms = 5000", self.url)
     }
+}
+
+/// One span as an OTLP receiver decoded it.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP span kind: 3 client, 4 producer, 5 consumer.
+    pub kind: i32,
+    pub attributes: HashMap<String, String>,
+    pub status_code: i32,
+}
+
+/// An OTLP/HTTP receiver for traces that decodes the protobuf requests
+/// exporters send to `/v1/traces`.
+#[derive(Clone)]
+pub struct OtlpReceiver {
+    pub endpoint: String,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn any_value_text(value: &opentelemetry_proto::tonic::common::v1::AnyValue) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match &value.value {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+
+        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+        let state = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                    let mut spans = state.lock().unwrap();
+                    for resource in request.resource_spans {
+                        for scope in resource.scope_spans {
+                            for span in scope.spans {
+                                spans.push(ReceivedSpan {
+                                    trace_id: hex(&span.trace_id),
+                                    span_id: hex(&span.span_id),
+                                    parent_span_id: hex(&span.parent_span_id),
+                                    name: span.name.clone(),
+                                    kind: span.kind,
+                                    attributes: span
+                                        .attributes
+                                        .iter()
+                                        .filter_map(|kv| Some((kv.key.clone(), any_value_text(kv.value.as_ref()?))))
+                                        .collect(),
+                                    status_code: span.status.as_ref().map_or(0, |s| s.code),
+                                });
+                            }
+                        }
+                    }
+                    ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind OTLP receiver");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        OtlpReceiver { endpoint, spans }
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Environment that makes a `sluice` process export to this receiver
+    /// quickly.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", self.endpoint.clone()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            ("OTEL_SERVICE_NAME", "sluice-test".to_owned()),
+        ]
+    }
+}
+
+/// Fetches `url` and returns the status and the body.
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+        Err(error) => (0, error.to_string()),
+    }
+}
+
+/// Value of one sample in Prometheus text, by its exact series name with
+/// labels, for example `sluice_dedupe_hits_total`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line[series.len()..].trim().parse().ok())
 }

@@ -209,6 +209,9 @@ async fn main() -> anyhow::Result<()> {
             ("SLUICE_TOPIC__NAME".into(), topic.clone()),
             ("SLUICE_WORKER__GROUP_ID".into(), group.clone()),
             ("SLUICE_HANDLER__URL".into(), url.clone()),
+            // Workers share this machine, so each takes a free port for
+            // its metrics and health endpoints.
+            ("SLUICE_SERVER__LISTEN".into(), "127.0.0.1:0".into()),
         ],
     };
     println!("run: topic {topic}, group {group}, receiver {url}");

@@ -2,5 +2,6 @@
 
 pub mod config;
 pub mod produce;
+pub mod status;
 pub mod topics;
 pub mod work;

@@ -26,6 +26,14 @@ pub async fn run(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let worker = Worker::new(settings.pipeline(), handler)?;
 
     let shutdown = CancellationToken::new();
+    let server_stop = CancellationToken::new();
+    crate::server::serve(
+        &settings.server.listen,
+        worker.metrics(),
+        worker.health(),
+        server_stop.clone(),
+    )
+    .await?;
     let mut terminate = signal(SignalKind::terminate()).context("failed to listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to listen for SIGINT")?;
     let stop = shutdown.clone();
@@ -38,7 +46,9 @@ pub async fn run(args: WorkArgs) -> anyhow::Result<ExitCode> {
         stop.cancel();
     });
 
-    let summary = worker.run(shutdown).await?;
+    let summary = worker.run(shutdown).await;
+    server_stop.cancel();
+    let summary = summary?;
     info!(?summary, "worker stopped");
     println!("{}", serde_json::json!({ "worker_summary": summary }));
     Ok(ExitCode::SUCCESS)

@@ -10,6 +10,10 @@ use pipeline::{HandlerError, Job};
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::StatusCode;
 
+use pipeline::telemetry::trace;
+use tracing::field::Empty;
+use tracing::Instrument;
+
 use crate::settings::HttpSettings;
 
 /// Response body bytes quoted in an error message.
@@ -42,30 +46,80 @@ impl HttpPush {
             .header(CONTENT_TYPE, content_type(job.payload()))
             .header("Idempotency-Key", &job.id)
             .header("Sluice-Attempt", job.attempt.to_string());
-        for name in ["traceparent", "tracestate"] {
-            if let Some(value) = job
-                .header(name)
-                .and_then(|v| HeaderValue::from_bytes(v).ok())
-            {
-                request = request.header(HeaderName::from_static(name), value);
+
+        // With tracing on, the request gets a client span of its own and
+        // carries that context downstream; otherwise the job's trace headers
+        // pass through.
+        let span = trace::enabled().then(|| self.client_span());
+        match &span {
+            Some(span) => {
+                for (name, value) in trace::context_headers(span) {
+                    request = request.header(name, value);
+                }
+            }
+            None => {
+                for name in ["traceparent", "tracestate"] {
+                    if let Some(value) = job
+                        .header(name)
+                        .and_then(|v| HeaderValue::from_bytes(v).ok())
+                    {
+                        request = request.header(HeaderName::from_static(name), value);
+                    }
+                }
             }
         }
-        let response = request
-            .body(job.payload().to_vec())
-            .send()
-            .await
-            .map_err(classify_error)?;
+
+        let sent = request.body(job.payload().to_vec()).send();
+        let sent = match &span {
+            Some(span) => sent.instrument(span.clone()).await,
+            None => sent.await,
+        };
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => {
+                let error = classify_error(error);
+                if let Some(span) = &span {
+                    trace::record_error(span, error.class, &error.message);
+                }
+                return Err(error);
+            }
+        };
         let status = response.status();
+        if let Some(span) = &span {
+            span.record("http.response.status_code", status.as_u16());
+        }
         if status.is_success() {
             return Ok(());
         }
+
         let body = response.text().await.unwrap_or_default();
         // One line: an HTML error page would otherwise span many log lines.
         let body: String = pipeline::envelope::headers::truncate(&body, MAX_BODY_IN_ERROR)
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
-        Err(classify_status(status, &body))
+        let error = classify_status(status, &body);
+        if let Some(span) = &span {
+            trace::record_error(span, status.as_str(), &error.message);
+        }
+        Err(error)
+    }
+
+    /// A client span per request, named and attributed after the
+    /// OpenTelemetry HTTP semantic conventions.
+    fn client_span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "POST",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            http.request.method = "POST",
+            url.full = %self.url,
+            server.address = self.url.host_str().unwrap_or_default(),
+            server.port = self.url.port_or_known_default().unwrap_or_default(),
+            http.response.status_code = Empty,
+            error.type = Empty,
+        )
     }
 }
 

@@ -6,13 +6,14 @@
 //! Every wait here (Redis down, a produce failing) backs off and retries
 //! until it succeeds or the partition is given up, so nothing is dropped.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::config::{RedisUnavailable, TierSettings};
@@ -23,7 +24,10 @@ use crate::envelope::{self, headers, DecodeRules, Job, Record, SluiceHeaders};
 use crate::handler::{Handler, HandlerError};
 use crate::produce::{JobProducer, OutgoingRecord};
 use crate::route::{next_hop, Hop};
-use crate::telemetry::Counters;
+use crate::telemetry::metrics::{
+    ClassLabels, JobLabels, KindLabels, Metrics, OutcomeLabels, RetryLabels, TierLabels,
+};
+use crate::telemetry::{trace, Counters};
 
 /// Everything a job needs besides its record; shared by all lane tasks.
 pub(crate) struct JobContext<H> {
@@ -38,6 +42,25 @@ pub(crate) struct JobContext<H> {
     pub dlq_topic: String,
     pub handler_timeout: Duration,
     pub counters: Counters,
+    pub metrics: Arc<Metrics>,
+    pub group_id: String,
+    /// Metric labels of each subscribed topic: the topic and its tier
+    /// (`main` for the main topic), built once so the hot path only clones
+    /// reference counts.
+    pub labels: HashMap<String, (Arc<str>, Arc<str>)>,
+}
+
+impl<H> JobContext<H> {
+    fn labels_of(&self, topic: &str) -> (Arc<str>, Arc<str>) {
+        self.labels
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| (topic.into(), "unknown".into()))
+    }
+
+    fn tier_label(&self, tier: usize) -> Arc<str> {
+        self.labels_of(&self.tier_topics[tier]).1
+    }
 }
 
 /// How a record ended.
@@ -87,29 +110,112 @@ pub(crate) async fn run_lane<H: Handler>(
     shared.lane_finished();
 }
 
-/// Runs one record to a terminal state, or gives it up when `cancel` fires
-/// while the record waits for Redis or Kafka.
+impl Finish {
+    /// Value of the `outcome` metric label and the `sluice.outcome` span
+    /// attribute.
+    fn label(self) -> &'static str {
+        match self {
+            Finish::Succeeded => "success",
+            Finish::Skipped => "duplicate_skipped",
+            Finish::Retried => "retry",
+            Finish::DeadLettered => "dead_letter",
+            Finish::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Runs one record to a terminal state inside its process span, and counts
+/// the outcome.
 pub(crate) async fn process<H: Handler>(
     ctx: &JobContext<H>,
     record: Record,
     cancel: &CancellationToken,
 ) -> Finish {
-    let job = match envelope::decode(record, &ctx.rules) {
-        Ok(job) => job,
-        Err((record, error)) => return dead_letter_undecodable(ctx, record, error, cancel).await,
+    let (topic, tier) = ctx.labels_of(&record.topic);
+    let span = trace::enabled().then(|| trace::process_span(&record, &ctx.group_id));
+    let run = run_record(ctx, record, cancel);
+    let (finish, origin_timestamp) = match &span {
+        Some(span) => run.instrument(span.clone()).await,
+        None => run.await,
     };
 
-    let token = match claim(ctx, &job, cancel).await {
+    if let Some(span) = &span {
+        span.record("sluice.outcome", finish.label());
+    }
+    if finish != Finish::Abandoned {
+        ctx.metrics
+            .jobs_handled
+            .get_or_create(&JobLabels {
+                topic,
+                tier,
+                outcome: finish.label(),
+            })
+            .inc();
+        if let Some(timestamp) = origin_timestamp {
+            let seconds = (now_ms() - timestamp).max(0) as f64 / 1000.0;
+            ctx.metrics
+                .end_to_end_latency
+                .get_or_create(&OutcomeLabels {
+                    outcome: finish.label(),
+                })
+                .observe(seconds);
+        }
+    }
+    finish
+}
+
+/// Runs one record to a terminal state, or gives it up when `cancel` fires
+/// while the record waits for Redis or Kafka. Returns how it ended and the
+/// record timestamp of its job on the main topic, for the latency metric.
+async fn run_record<H: Handler>(
+    ctx: &JobContext<H>,
+    record: Record,
+    cancel: &CancellationToken,
+) -> (Finish, Option<i64>) {
+    let job = match envelope::decode(record, &ctx.rules) {
+        Ok(job) => job,
+        Err((record, error)) => {
+            let origin = envelope::envelope(&record)
+                .map(|envelope| envelope.origin.timestamp_ms)
+                .unwrap_or(record.timestamp_ms);
+            let finish = dead_letter_undecodable(ctx, record, error, cancel).await;
+            return (finish, origin);
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("sluice.job.id", job.id.as_str());
+    span.record("sluice.attempt", job.attempt);
+    span.record("sluice.tier", job.tier.as_deref().unwrap_or("main"));
+    (run_job(ctx, &job, cancel).await, job.origin.timestamp_ms)
+}
+
+async fn run_job<H: Handler>(ctx: &JobContext<H>, job: &Job, cancel: &CancellationToken) -> Finish {
+    let token = match claim(ctx, job, cancel).await {
         ClaimOutcome::Run(token) => token,
         ClaimOutcome::Skip => {
             info!(job_id = %job.id, topic = %job.record.topic, offset = job.record.offset, "skipped job: its done marker shows it already succeeded");
             Counters::bump(&ctx.counters.dedupe_skipped);
+            ctx.metrics.dedupe_hits.inc();
             return Finish::Skipped;
         }
         ClaimOutcome::Abandon => return Finish::Abandoned,
     };
 
-    match run_handler(ctx, &job).await {
+    let started = Instant::now();
+    ctx.metrics.jobs_in_flight.inc();
+    let result = run_handler(ctx, job).await;
+    ctx.metrics.jobs_in_flight.dec();
+    ctx.metrics
+        .handler_duration
+        .get_or_create(&TierLabels {
+            tier: ctx.labels_of(&job.record.topic).1,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(error) = &result {
+        trace::record_error(&tracing::Span::current(), error.class, &error.message);
+    }
+
+    match result {
         Ok(()) => {
             if let Some(dedupe) = &ctx.dedupe {
                 let done = retry_redis(ctx, cancel, "mark the job done", || {
@@ -126,9 +232,9 @@ pub(crate) async fn process<H: Handler>(
             Finish::Succeeded
         }
         Err(error) => {
-            let finish = forward_failure(ctx, &job, &error, cancel).await;
+            let finish = forward_failure(ctx, job, &error, cancel).await;
             if finish == Finish::Abandoned {
-                release_best_effort(ctx, &job, token.as_ref()).await;
+                release_best_effort(ctx, job, token.as_ref()).await;
                 return finish;
             }
             if let (Some(dedupe), Some(token)) = (&ctx.dedupe, &token) {
@@ -171,6 +277,10 @@ async fn claim<H: Handler>(
             }
             Err(error) => {
                 Counters::bump(&ctx.counters.redis_errors);
+                ctx.metrics
+                    .redis_errors
+                    .get_or_create(&KindLabels { kind: error.kind() })
+                    .inc();
                 if ctx.on_redis_unavailable == RedisUnavailable::RunWithoutDedupe {
                     warn!(job_id = %job.id, %error, "running job without a claim because Redis is unavailable and dedupe.on_redis_unavailable = \"run_without_dedupe\"");
                     return ClaimOutcome::Run(None);
@@ -205,6 +315,10 @@ where
             Ok(()) => return Some(()),
             Err(error) => {
                 Counters::bump(&ctx.counters.redis_errors);
+                ctx.metrics
+                    .redis_errors
+                    .get_or_create(&KindLabels { kind: error.kind() })
+                    .inc();
                 let delay = backoff.next_delay();
                 log_redis_wait(&error, what, backoff.attempts(), delay);
                 tokio::select! {
@@ -297,6 +411,7 @@ async fn forward_failure<H: Handler>(
             return Finish::Abandoned;
         }
         Counters::bump(&ctx.counters.dead_lettered);
+        count_dead_letter(ctx, "copy_rejected");
         return Finish::DeadLettered;
     }
 
@@ -305,14 +420,31 @@ async fn forward_failure<H: Handler>(
             debug!(job_id = %job.id, attempt, topic = copy.topic, class = error.class, "job will be retried");
             Counters::bump(&ctx.counters.retried);
             Counters::bump(&ctx.counters.retried_by_tier[tier]);
+            ctx.metrics
+                .retries
+                .get_or_create(&RetryLabels {
+                    tier: ctx.tier_label(tier),
+                    error_class: error.class.into(),
+                })
+                .inc();
             Finish::Retried
         }
         Hop::DeadLetter { attempts } => {
             info!(job_id = %job.id, attempts, topic = copy.topic, class = error.class, error = %error.message, "job dead-lettered");
             Counters::bump(&ctx.counters.dead_lettered);
+            count_dead_letter(ctx, error.class);
             Finish::DeadLettered
         }
     }
+}
+
+fn count_dead_letter<H>(ctx: &JobContext<H>, class: &str) {
+    ctx.metrics
+        .dead_letters
+        .get_or_create(&ClassLabels {
+            error_class: class.into(),
+        })
+        .inc();
 }
 
 /// Builds the copy of a failed job for `hop`: same key, payload and user
@@ -391,6 +523,7 @@ async fn dead_letter_undecodable<H>(
     );
     Counters::bump(&ctx.counters.undecodable);
     Counters::bump(&ctx.counters.dead_lettered);
+    count_dead_letter(ctx, error.class());
     Finish::DeadLettered
 }
 
@@ -422,6 +555,10 @@ async fn send_durably<H>(
             Err(error) => error,
         };
         Counters::bump(&ctx.counters.produce_errors);
+        ctx.metrics
+            .kafka_errors
+            .get_or_create(&KindLabels { kind: "produce" })
+            .inc();
         if !error.is_retryable() {
             if let Hop::Retry { .. } = hop {
                 return Sent::Rejected(error);

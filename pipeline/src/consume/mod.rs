@@ -24,6 +24,7 @@ mod poll;
 pub mod state;
 pub mod tracker;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ use crate::envelope::DecodeRules;
 use crate::handler::Handler;
 use crate::kafka::{check_properties, consumer_config, REQUEST_TIMEOUT};
 use crate::produce::{JobProducer, ProduceError};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Counters, Summary};
 use job::JobContext;
 use poll::MemberContext;
@@ -84,6 +87,8 @@ pub(crate) struct Shared<H> {
     drain_deadline: Duration,
     commit_interval: Duration,
     main_topic: String,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl<H> Shared<H> {
@@ -103,6 +108,8 @@ pub struct Worker<H: Handler> {
     settings: PipelineSettings,
     handler: H,
     member_id: String,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -115,11 +122,27 @@ impl<H: Handler> Worker<H> {
             std::process::id(),
             rand::random::<u32>()
         );
+        // A revoke blocks the poll loop for up to the drain deadline; only a
+        // loop idle well past that is wedged.
+        let stall_after = settings.worker.drain_deadline() + Duration::from_secs(30);
+        let health = Arc::new(Health::new(stall_after, settings.dedupe.enabled));
         Ok(Worker {
             settings,
             handler,
             member_id,
+            metrics: Arc::new(Metrics::new()),
+            health,
         })
+    }
+
+    /// The worker's metrics, to serve while it runs.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The worker's liveness and readiness, to serve while it runs.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Runs until `shutdown` fires, then drains, commits and leaves the group.
@@ -136,6 +159,7 @@ impl<H: Handler> Worker<H> {
                 &settings.dedupe,
                 &settings.worker.group_id,
                 &self.member_id,
+                self.health.clone(),
             )?)
         } else {
             None
@@ -155,6 +179,9 @@ impl<H: Handler> Worker<H> {
             dlq_topic: settings.topic.dlq_topic(),
             handler_timeout: settings.worker.handler_timeout(),
             counters: Counters::new(settings.retry.tiers.len()),
+            metrics: self.metrics.clone(),
+            group_id: group_id.clone(),
+            labels: metric_labels(&settings),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new(settings.worker.max_pending_per_partition)),
@@ -165,6 +192,8 @@ impl<H: Handler> Worker<H> {
             drain_deadline: settings.worker.drain_deadline(),
             commit_interval: settings.worker.commit_interval(),
             main_topic: settings.topic.name.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
         });
 
         let consumer: BaseConsumer<MemberContext<H>> =
@@ -204,6 +233,21 @@ fn subscribed_topics_of<H>(shared: &Shared<H>) -> Vec<&str> {
     std::iter::once(shared.main_topic.as_str())
         .chain(shared.ctx.tier_topics.iter().map(String::as_str))
         .collect()
+}
+
+/// Metric labels (topic, tier) of every subscribed topic.
+fn metric_labels(settings: &PipelineSettings) -> HashMap<String, (Arc<str>, Arc<str>)> {
+    let mut labels = HashMap::new();
+    let main: Arc<str> = settings.topic.name.as_str().into();
+    labels.insert(settings.topic.name.clone(), (main, "main".into()));
+    for tier in &settings.retry.tiers {
+        let topic = settings.topic.tier_topic(tier);
+        labels.insert(
+            topic.clone(),
+            (topic.as_str().into(), tier.name.as_str().into()),
+        );
+    }
+    labels
 }
 
 /// The main topic followed by one topic per retry tier.

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -16,6 +18,7 @@ use crate::consume::Shared;
 use crate::envelope::Record;
 use crate::handler::Handler;
 use crate::kafka::from_kafka_headers;
+use crate::telemetry::metrics::{KindLabels, PartitionLabels, PauseLabels};
 use crate::telemetry::Counters;
 
 /// Longest time between two rounds of housekeeping (due tier partitions,
@@ -33,7 +36,58 @@ impl<H> MemberContext<H> {
     }
 }
 
-impl<H: Handler> ClientContext for MemberContext<H> {}
+impl<H: Handler> ClientContext for MemberContext<H> {
+    /// Runs on the poll thread every `statistics.interval.ms`: updates the lag
+    /// of each assigned partition and whether a broker is reachable.
+    fn stats(&self, statistics: Statistics) {
+        let metrics = &self.shared.metrics;
+        let any_broker_up = statistics
+            .brokers
+            .values()
+            .any(|broker| broker.state == "UP");
+        self.shared.health.set_kafka_up(any_broker_up);
+
+        let assigned = self.shared.lock().assigned();
+        for (topic, partition) in assigned {
+            let labels = PartitionLabels {
+                topic: topic.as_str().into(),
+                partition,
+            };
+            let stats = statistics
+                .topics
+                .get(&topic)
+                .and_then(|t| t.partitions.get(&partition));
+            // librdkafka reports -1 (or -1001) for an offset it does not know
+            // yet; such a lag is left out rather than reported as a number.
+            match stats {
+                Some(p) if p.hi_offset >= 0 && p.committed_offset >= 0 => {
+                    metrics
+                        .consumer_lag
+                        .get_or_create(&labels)
+                        .set((p.hi_offset - p.committed_offset).max(0));
+                }
+                _ => {
+                    metrics.consumer_lag.remove(&labels);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.shared.health.set_kafka_up(false);
+        }
+        self.shared
+            .metrics
+            .kafka_errors
+            .get_or_create(&KindLabels { kind: "client" })
+            .inc();
+        warn!(%error, reason, "librdkafka reported an error");
+    }
+}
 
 impl<H: Handler> ConsumerContext for MemberContext<H> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -45,12 +99,21 @@ impl<H: Handler> ConsumerContext for MemberContext<H> {
                     let is_tier = partition.0 != self.shared.main_topic;
                     state.assign(partition.clone(), is_tier);
                 }
+                let assigned = state.assigned().len();
+                drop(state);
+                self.shared.metrics.assigned_partitions.set(assigned as i64);
+                self.shared.health.set_assigned(true);
                 info!(partitions = ?partitions, "partitions assigned");
             }
             Rebalance::Revoke(list) => {
                 let partitions = partitions_of(list);
                 info!(partitions = ?partitions, "partitions revoked; draining");
                 drain(consumer, &self.shared, &partitions);
+                for (topic, partition) in &partitions {
+                    self.shared.metrics.forget_partition(topic, *partition);
+                }
+                let assigned = self.shared.lock().assigned().len();
+                self.shared.metrics.assigned_partitions.set(assigned as i64);
             }
             Rebalance::Error(error) => warn!(%error, "rebalance failed"),
         }
@@ -83,6 +146,7 @@ pub(crate) fn run<H: Handler>(
     let mut poll_errors = 0u64;
 
     while !shutdown.is_cancelled() {
+        shared.health.polled();
         match consumer.poll(HOUSEKEEPING_INTERVAL) {
             Some(Ok(message)) => {
                 let record = Record {
@@ -101,6 +165,11 @@ pub(crate) fn run<H: Handler>(
                 apply(&consumer, shared, &mut effects);
             }
             Some(Err(error)) => {
+                shared
+                    .metrics
+                    .kafka_errors
+                    .get_or_create(&KindLabels { kind: "poll" })
+                    .inc();
                 poll_errors += 1;
                 if poll_errors == 1 || poll_errors % 100 == 0 {
                     warn!(%error, count = poll_errors, "consumer error");
@@ -111,10 +180,21 @@ pub(crate) fn run<H: Handler>(
 
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
-            shared
-                .lock()
-                .housekeeping(Instant::now(), now_ms(), &mut effects);
+            let (delayed, pressed) = {
+                let mut state = shared.lock();
+                state.housekeeping(Instant::now(), now_ms(), &mut effects);
+                state.paused_counts()
+            };
             apply(&consumer, shared, &mut effects);
+            let paused = &shared.metrics.paused_partitions;
+            paused
+                .get_or_create(&PauseLabels { reason: "delay" })
+                .set(delayed as i64);
+            paused
+                .get_or_create(&PauseLabels {
+                    reason: "backpressure",
+                })
+                .set(pressed as i64);
         }
         if last_commit.elapsed() >= shared.commit_interval {
             last_commit = Instant::now();
@@ -202,10 +282,25 @@ fn commit<H: Handler>(
     match consumer.commit(&list, CommitMode::Sync) {
         Ok(()) => {
             Counters::bump(&shared.ctx.counters.commits);
+            for ((topic, partition), offset) in &offsets {
+                shared
+                    .metrics
+                    .committed_offset
+                    .get_or_create(&PartitionLabels {
+                        topic: topic.as_str().into(),
+                        partition: *partition,
+                    })
+                    .set(*offset);
+            }
             debug!(offsets = ?offsets, "committed");
             true
         }
         Err(error) => {
+            shared
+                .metrics
+                .kafka_errors
+                .get_or_create(&KindLabels { kind: "commit" })
+                .inc();
             warn!(%error, offsets = ?offsets, "commit failed; retrying on the next round");
             let mut state = shared.lock();
             for (partition, offset) in &offsets {

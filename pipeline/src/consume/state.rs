@@ -333,6 +333,21 @@ impl State {
         }
     }
 
+    /// Paused partitions: (waiting for a due time, under backpressure).
+    pub fn paused_counts(&self) -> (usize, usize) {
+        let delayed = self
+            .partitions
+            .values()
+            .filter(|s| s.delay.is_some())
+            .count();
+        let pressed = self
+            .partitions
+            .values()
+            .filter(|s| s.delay.is_none() && s.backpressure)
+            .count();
+        (delayed, pressed)
+    }
+
     /// Fetched records not yet terminal, all partitions.
     pub fn in_progress(&self) -> usize {
         self.partitions

@@ -15,6 +15,15 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use crate::config::KafkaSettings;
 use crate::envelope::{headers, HeaderList};
 use crate::kafka::{producer_config, to_kafka_headers};
+use crate::telemetry::trace;
+
+fn job_id(headers: &HeaderList) -> Option<&str> {
+    headers
+        .iter()
+        .find(|(name, _)| name == headers::JOB_ID)
+        .and_then(|(_, value)| value.as_deref())
+        .and_then(|value| std::str::from_utf8(value).ok())
+}
 
 /// A record to append.
 #[derive(Debug, Clone, Default)]
@@ -90,6 +99,8 @@ pub struct JobProducer {
 pub struct PendingDelivery {
     topic: String,
     future: DeliveryFuture,
+    /// The record's producer span, ended when the report arrives.
+    span: Option<tracing::Span>,
 }
 
 impl PendingDelivery {
@@ -99,7 +110,7 @@ impl PendingDelivery {
     /// Dropping the future does not recall the record; it may still be
     /// delivered.
     pub async fn wait(self) -> Result<Delivered, ProduceError> {
-        match self.future.await {
+        let result = match self.future.await {
             Ok(Ok(delivery)) => Ok(Delivered {
                 partition: delivery.partition,
                 offset: delivery.offset,
@@ -109,7 +120,17 @@ impl PendingDelivery {
                 source,
             }),
             Err(_) => Err(ProduceError::Canceled { topic: self.topic }),
+        };
+        if let Some(span) = &self.span {
+            match &result {
+                Ok(delivered) => {
+                    span.record("messaging.destination.partition.id", delivered.partition);
+                    span.record("messaging.kafka.offset", delivered.offset);
+                }
+                Err(error) => trace::record_error(span, "produce_failed", &error.to_string()),
+            }
         }
+        result
     }
 }
 
@@ -124,8 +145,20 @@ impl JobProducer {
     /// Hands a record to librdkafka and returns its pending delivery. When
     /// the local queue is full this waits for room rather than failing, so
     /// a fast reader applies backpressure instead of dropping records.
+    ///
+    /// With tracing enabled, each record gets a producer span (a child of the
+    /// current span) whose context replaces the record's trace headers.
     pub async fn enqueue(&self, record: &OutgoingRecord) -> Result<PendingDelivery, ProduceError> {
-        let kafka_headers = to_kafka_headers(&record.headers);
+        let span =
+            trace::enabled().then(|| trace::send_span(&record.topic, job_id(&record.headers)));
+        let kafka_headers = match &span {
+            Some(span) => {
+                let mut headers = record.headers.clone();
+                trace::inject(span, &mut headers);
+                to_kafka_headers(&headers)
+            }
+            None => to_kafka_headers(&record.headers),
+        };
         loop {
             let mut future_record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&record.topic).headers(kafka_headers.clone());
@@ -140,16 +173,20 @@ impl JobProducer {
                     return Ok(PendingDelivery {
                         topic: record.topic.clone(),
                         future,
+                        span,
                     })
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((source, _)) => {
+                    if let Some(span) = &span {
+                        trace::record_error(span, "produce_failed", &source.to_string());
+                    }
                     return Err(ProduceError::Delivery {
                         topic: record.topic.clone(),
                         source,
-                    })
+                    });
                 }
             }
         }

@@ -1,4 +1,10 @@
-//! Counters of what a worker did, reported when it stops.
+//! What a worker tells operators: a summary when it stops ([`Counters`]),
+//! traces that follow one job across every hop ([`trace`]), Prometheus
+//! metrics ([`metrics`]) and liveness and readiness ([`health`]).
+
+pub mod health;
+pub mod metrics;
+pub mod trace;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
