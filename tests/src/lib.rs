@@ -396,7 +396,9 @@ pub fn server_address(config: &Path) -> String {
         .lines()
         .find(|line| line.starts_with("listen = "))
         .expect("listen line");
-    line.trim_start_matches("listen = ").trim_matches('"').to_owned()
+    line.trim_start_matches("listen = ")
+        .trim_matches('"')
+        .to_owned()
 }
 
 impl WorkerProcess {
@@ -686,18 +688,28 @@ impl OtlpReceiver {
                                     attributes: span
                                         .attributes
                                         .iter()
-                                        .filter_map(|kv| Some((kv.key.clone(), any_value_text(kv.value.as_ref()?))))
+                                        .filter_map(|kv| {
+                                            Some((
+                                                kv.key.clone(),
+                                                any_value_text(kv.value.as_ref()?),
+                                            ))
+                                        })
                                         .collect(),
                                     status_code: span.status.as_ref().map_or(0, |s| s.code),
                                 });
                             }
                         }
                     }
-                    ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind OTLP receiver");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind OTLP receiver");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         OtlpReceiver { endpoint, spans }
