@@ -30,6 +30,14 @@ enum Command {
     /// Manage the main, retry-tier and dead-letter topics.
     #[command(subcommand)]
     Topics(commands::topics::TopicsCommand),
+    /// Republish a range of a topic (from offsets or times) so workers run it again.
+    Replay(commands::replay::ReplayArgs),
+    /// Inspect and redrive dead letters.
+    #[command(subcommand)]
+    Dlq(commands::dlq::DlqCommand),
+    /// Move a consumer group's committed offsets.
+    #[command(subcommand)]
+    Group(commands::group::GroupCommand),
     /// Show offsets, lag and dead letters of the configured group.
     Status(commands::status::StatusArgs),
     /// Check a settings file.
@@ -76,6 +84,9 @@ fn main() -> ExitCode {
             Command::Work(args) => commands::work::run(args).await,
             Command::Topics(command) => commands::topics::run(command).await,
             Command::Status(args) => commands::status::run(args).await,
+            Command::Replay(args) => commands::replay::run(args).await,
+            Command::Dlq(command) => commands::dlq::run(command).await,
+            Command::Group(command) => commands::group::run(command).await,
             Command::Config(command) => commands::config::run(command),
         }
     });

@@ -25,6 +25,7 @@ pub mod envelope;
 pub mod handler;
 pub mod kafka;
 pub mod produce;
+pub mod recover;
 pub mod route;
 pub mod telemetry;
 

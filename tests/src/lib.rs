@@ -241,6 +241,7 @@ pub fn header<'a>(headers: &'a HeaderList, name: &str) -> Option<&'a str> {
 /// - `fail`: retryable error on every attempt,
 /// - `fail_first`: retryable error on attempt 1 only,
 /// - `reject`: permanent error,
+/// - `reject_until_redriven`: permanent error until a redrive brings it back,
 /// - `panic`: panic on attempt 1, succeed after,
 /// - `sleep`: sleep `sleep_ms`, then succeed.
 #[derive(Clone, Default)]
@@ -294,6 +295,9 @@ impl Handler for Scripted {
                 "first attempt fails",
             )),
             "reject" => Err(HandlerError::permanent("test_permanent", "rejected")),
+            "reject_until_redriven" if job.lineage.redrive_count.is_none() => Err(
+                HandlerError::permanent("test_permanent", "rejected before a redrive"),
+            ),
             "panic" if job.attempt == 1 => panic!("scripted panic"),
             "sleep" => {
                 tokio::time::sleep(Duration::from_millis(

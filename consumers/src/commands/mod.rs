@@ -1,7 +1,11 @@
 //! One module per subcommand.
 
+pub mod common;
 pub mod config;
+pub mod dlq;
+pub mod group;
 pub mod produce;
+pub mod replay;
 pub mod status;
 pub mod topics;
 pub mod work;

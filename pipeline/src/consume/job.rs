@@ -215,11 +215,12 @@ async fn run_job<H: Handler>(ctx: &JobContext<H>, job: &Job, cancel: &Cancellati
         trace::record_error(&tracing::Span::current(), error.class, &error.message);
     }
 
+    let dedupe_id = job.dedupe_id();
     match result {
         Ok(()) => {
             if let Some(dedupe) = &ctx.dedupe {
                 let done = retry_redis(ctx, cancel, "mark the job done", || {
-                    dedupe.mark_done(&job.id)
+                    dedupe.mark_done(&dedupe_id)
                 })
                 .await;
                 if done.is_none() && token.is_some() {
@@ -242,7 +243,7 @@ async fn run_job<H: Handler>(ctx: &JobContext<H>, job: &Job, cancel: &Cancellati
                 // happens here; an unreleased claim only delays the next tier
                 // until its lease expires.
                 retry_redis(ctx, cancel, "release the claim", || {
-                    dedupe.release(&job.id, token)
+                    dedupe.release(&dedupe_id, token)
                 })
                 .await;
             }
@@ -268,7 +269,7 @@ async fn claim<H: Handler>(
     };
     let mut backoff = Backoff::for_reconnect();
     loop {
-        let wait = match dedupe.claim(&job.id).await {
+        let wait = match dedupe.claim(&job.dedupe_id()).await {
             Ok(Claim::Claimed(token)) => return ClaimOutcome::Run(Some(token)),
             Ok(Claim::Done) => return ClaimOutcome::Skip,
             Ok(Claim::Busy { expires_in }) => {
@@ -338,7 +339,7 @@ fn log_redis_wait(error: &DedupeError, what: &str, attempts: u32, delay: Duratio
 
 async fn release_best_effort<H>(ctx: &JobContext<H>, job: &Job, token: Option<&ClaimToken>) {
     if let (Some(dedupe), Some(token)) = (&ctx.dedupe, token) {
-        if let Err(error) = dedupe.release(&job.id, token).await {
+        if let Err(error) = dedupe.release(&job.dedupe_id(), token).await {
             debug!(job_id = %job.id, %error, "could not release the claim; it expires with its lease");
         }
     }
@@ -473,6 +474,7 @@ fn failure_copy<H>(
         error_class: Some(class.to_owned()),
         error_message: Some(message.to_owned()),
         origin: Some(job.origin.clone()),
+        lineage: job.lineage.clone(),
     };
     OutgoingRecord {
         topic,
@@ -488,9 +490,19 @@ async fn dead_letter_undecodable<H>(
     error: envelope::DecodeError,
     cancel: &CancellationToken,
 ) -> Finish {
-    let (job_id, attempt, origin) = match envelope::envelope(&record) {
-        Ok(envelope) => (envelope.id, envelope.attempt, envelope.origin),
-        Err(_) => (record.position().to_string(), 1, record.position()),
+    let (job_id, attempt, origin, lineage) = match envelope::envelope(&record) {
+        Ok(envelope) => (
+            envelope.id,
+            envelope.attempt,
+            envelope.origin,
+            envelope.lineage,
+        ),
+        Err(_) => (
+            record.position().to_string(),
+            1,
+            record.position(),
+            Default::default(),
+        ),
     };
     let sluice = SluiceHeaders {
         job_id: Some(job_id.clone()),
@@ -500,6 +512,7 @@ async fn dead_letter_undecodable<H>(
         error_class: Some(error.class().to_owned()),
         error_message: Some(error.to_string()),
         origin: Some(origin),
+        lineage,
     };
     let copy = OutgoingRecord {
         topic: ctx.dlq_topic.clone(),

@@ -24,6 +24,10 @@ pub const ORIGIN_TOPIC: &str = "sluice-origin-topic";
 pub const ORIGIN_PARTITION: &str = "sluice-origin-partition";
 pub const ORIGIN_OFFSET: &str = "sluice-origin-offset";
 pub const ORIGIN_TIMESTAMP_MS: &str = "sluice-origin-timestamp-ms";
+pub const REPLAY_SOURCE: &str = "sluice-replay-source";
+pub const REPLAY_GENERATION: &str = "sluice-replay-generation";
+pub const REDRIVE_SOURCE: &str = "sluice-redrive-source";
+pub const REDRIVE_COUNT: &str = "sluice-redrive-count";
 
 /// Error messages are cut to this many bytes (at a character boundary) so a
 /// runaway handler message cannot bloat every retry copy.
@@ -63,6 +67,23 @@ pub struct SluiceHeaders {
     pub error_class: Option<String>,
     pub error_message: Option<String>,
     pub origin: Option<Origin>,
+    /// Where and how a job was brought back; kept on every later hop.
+    pub lineage: Lineage,
+}
+
+/// How a job was brought back by an operator. Every hop keeps it, so a dead
+/// letter shows its history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// `topic/partition@offset` of the record a replay copied.
+    pub replay_source: Option<String>,
+    /// Set by `replay --dedupe bypass`: part of the dedupe key, so a job
+    /// already done runs again once per replay.
+    pub replay_generation: Option<String>,
+    /// `topic/partition@offset` of the dead letter a redrive copied.
+    pub redrive_source: Option<String>,
+    /// How many times the job was redriven from the dead-letter topic.
+    pub redrive_count: Option<u32>,
 }
 
 /// A sluice header that is present but cannot be read.
@@ -138,6 +159,19 @@ impl SluiceHeaders {
                 ORIGIN_PARTITION => origin_partition = Some(number(ORIGIN_PARTITION, value)?),
                 ORIGIN_OFFSET => origin_offset = Some(number(ORIGIN_OFFSET, value)?),
                 ORIGIN_TIMESTAMP_MS => origin_timestamp = Some(number(ORIGIN_TIMESTAMP_MS, value)?),
+                REPLAY_SOURCE => {
+                    decoded.lineage.replay_source = Some(text(REPLAY_SOURCE, value)?.to_owned())
+                }
+                REPLAY_GENERATION => {
+                    decoded.lineage.replay_generation =
+                        Some(text(REPLAY_GENERATION, value)?.to_owned())
+                }
+                REDRIVE_SOURCE => {
+                    decoded.lineage.redrive_source = Some(text(REDRIVE_SOURCE, value)?.to_owned())
+                }
+                REDRIVE_COUNT => {
+                    decoded.lineage.redrive_count = Some(number(REDRIVE_COUNT, value)?)
+                }
                 _ => {}
             }
         }
@@ -187,6 +221,19 @@ impl SluiceHeaders {
             if let Some(timestamp) = origin.timestamp_ms {
                 put(ORIGIN_TIMESTAMP_MS, timestamp.to_string());
             }
+        }
+        let lineage = &self.lineage;
+        if let Some(source) = &lineage.replay_source {
+            put(REPLAY_SOURCE, source.clone());
+        }
+        if let Some(generation) = &lineage.replay_generation {
+            put(REPLAY_GENERATION, generation.clone());
+        }
+        if let Some(source) = &lineage.redrive_source {
+            put(REDRIVE_SOURCE, source.clone());
+        }
+        if let Some(count) = lineage.redrive_count {
+            put(REDRIVE_COUNT, count.to_string());
         }
         out
     }
@@ -240,6 +287,12 @@ mod tests {
                 offset: 99,
                 timestamp_ms: Some(1_699_999_999_000),
             }),
+            lineage: Lineage {
+                replay_source: Some("jobs/1@7".into()),
+                replay_generation: Some("g-1".into()),
+                redrive_source: Some("jobs.dlq/0@3".into()),
+                redrive_count: Some(2),
+            },
         }
     }
 

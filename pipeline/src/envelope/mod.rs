@@ -7,7 +7,7 @@
 pub mod headers;
 
 use crate::config::PayloadFormat;
-pub use headers::{HeaderList, Origin, SluiceHeaders};
+pub use headers::{HeaderList, Lineage, Origin, SluiceHeaders};
 
 /// A record as fetched from Kafka, owned so it can outlive the poll call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,11 +47,22 @@ pub struct Job {
     pub tier: Option<String>,
     /// Earliest start, in milliseconds since the Unix epoch (tier copies).
     pub due_ms: Option<i64>,
+    /// Replay and redrive history, kept on every hop.
+    pub lineage: Lineage,
     /// The record this copy was fetched from.
     pub record: Record,
 }
 
 impl Job {
+    /// The id its dedupe key is built from: the job id, plus the replay
+    /// generation when a `--dedupe bypass` replay made this copy.
+    pub fn dedupe_id(&self) -> std::borrow::Cow<'_, str> {
+        match &self.lineage.replay_generation {
+            Some(generation) => format!("{}#replay-{generation}", self.id).into(),
+            None => self.id.as_str().into(),
+        }
+    }
+
     pub fn key(&self) -> Option<&[u8]> {
         self.record.key.as_deref()
     }
@@ -128,6 +139,7 @@ pub struct Envelope {
     pub origin: Origin,
     pub tier: Option<String>,
     pub due_ms: Option<i64>,
+    pub lineage: Lineage,
 }
 
 /// Reads the identity of the job in `record` from its headers.
@@ -144,6 +156,7 @@ pub fn envelope(record: &Record) -> Result<Envelope, DecodeError> {
         origin,
         tier: sluice.tier,
         due_ms: sluice.due_ms,
+        lineage: sluice.lineage,
     })
 }
 
@@ -178,6 +191,7 @@ pub fn decode(record: Record, rules: &DecodeRules) -> Result<Job, (Record, Decod
         origin: envelope.origin,
         tier: envelope.tier,
         due_ms: envelope.due_ms,
+        lineage: envelope.lineage,
         record,
     })
 }
