@@ -51,8 +51,24 @@ pub struct KafkaSettings {
     /// Bootstrap servers, comma separated (`host:port,host:port`).
     #[serde(default = "default_brokers")]
     pub brokers: String,
-    /// librdkafka properties applied last, for SASL and TLS among others.
-    /// Values are hidden in `Debug` output because they hold passwords.
+    /// `security.protocol`: `plaintext`, `ssl`, `sasl_plaintext` or
+    /// `sasl_ssl`.
+    #[serde(default)]
+    pub security_protocol: Option<String>,
+    /// `sasl.mechanism`, for example `SCRAM-SHA-512`.
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    /// Set it from a secret (`SLUICE_KAFKA__SASL_PASSWORD`), not in the file.
+    #[serde(default)]
+    pub sasl_password: Option<String>,
+    /// `ssl.ca.location`: CA bundle that signed the brokers' certificates.
+    #[serde(default)]
+    pub ssl_ca_location: Option<String>,
+    /// librdkafka properties applied last, for anything the keys above do
+    /// not cover. Values are hidden in `Debug` output because they may hold
+    /// passwords.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }
@@ -65,6 +81,11 @@ impl Default for KafkaSettings {
     fn default() -> Self {
         KafkaSettings {
             brokers: default_brokers(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
             properties: BTreeMap::new(),
         }
     }
@@ -73,8 +94,14 @@ impl Default for KafkaSettings {
 impl fmt::Debug for KafkaSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let keys: Vec<&str> = self.properties.keys().map(String::as_str).collect();
+        let hidden = self.sasl_password.as_ref().map(|_| "***");
         f.debug_struct("KafkaSettings")
             .field("brokers", &self.brokers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &hidden)
+            .field("ssl_ca_location", &self.ssl_ca_location)
             .field("properties", &format_args!("{keys:?} (values hidden)"))
             .finish()
     }
@@ -195,6 +222,13 @@ pub struct DedupeSettings {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
+    /// Redis ACL user; overrides a user in the URL.
+    #[serde(default)]
+    pub redis_username: Option<String>,
+    /// Set it from a secret (`SLUICE_DEDUPE__REDIS_PASSWORD`); overrides a
+    /// password in the URL.
+    #[serde(default)]
+    pub redis_password: Option<String>,
     /// First segment of every dedupe key: `<prefix>:<group>:<job id>`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -233,6 +267,8 @@ impl Default for DedupeSettings {
         DedupeSettings {
             enabled: true,
             redis_url: default_redis_url(),
+            redis_username: None,
+            redis_password: None,
             key_prefix: default_key_prefix(),
             lease_ms: default_lease_ms(),
             done_ttl_ms: default_done_ttl_ms(),
@@ -246,6 +282,11 @@ impl fmt::Debug for DedupeSettings {
         f.debug_struct("DedupeSettings")
             .field("enabled", &self.enabled)
             .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_username", &self.redis_username)
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "***"),
+            )
             .field("key_prefix", &self.key_prefix)
             .field("lease_ms", &self.lease_ms)
             .field("done_ttl_ms", &self.done_ttl_ms)
@@ -696,8 +737,11 @@ mod tests {
             .kafka
             .properties
             .insert("sasl.password".to_owned(), "hunter2".to_owned());
+        settings.kafka.sasl_password = Some("kafka-secret".to_owned());
+        settings.dedupe.redis_password = Some("redis-secret".to_owned());
         let dump = format!("{settings:?}");
-        assert!(!dump.contains("s3cret"), "{dump}");
-        assert!(!dump.contains("hunter2"), "{dump}");
+        for secret in ["s3cret", "hunter2", "kafka-secret", "redis-secret"] {
+            assert!(!dump.contains(secret), "{secret} in {dump}");
+        }
     }
 }

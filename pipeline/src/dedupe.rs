@@ -134,7 +134,17 @@ impl Dedupe {
             url: redact_url(&settings.redis_url),
             source,
         };
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(invalid)?;
+        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.redis_url.as_str())
+            .map_err(invalid)?;
+        let mut redis_settings = info.redis_settings().clone();
+        if let Some(username) = &settings.redis_username {
+            redis_settings = redis_settings.set_username(username);
+        }
+        if let Some(password) = &settings.redis_password {
+            redis_settings = redis_settings.set_password(password);
+        }
+        info = info.set_redis_settings(redis_settings);
+        let client = redis::Client::open(info).map_err(invalid)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(2)))

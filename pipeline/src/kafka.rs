@@ -51,9 +51,9 @@ pub fn check_client_properties(kafka: &KafkaSettings, group_id: &str) -> Result<
     use rdkafka::producer::BaseProducer;
 
     let invalid = |error: KafkaError| ConfigError::Invalid {
-        key: "kafka.properties",
-        value: format!("{:?}", kafka.properties.keys().collect::<Vec<_>>()),
-        reason: format!("librdkafka rejected them: {error}"),
+        key: "kafka",
+        value: format!("{kafka:?}"),
+        reason: format!("librdkafka rejected the client settings: {error}"),
     };
     producer_config(kafka)
         .create::<BaseProducer>()
@@ -67,6 +67,18 @@ pub fn check_client_properties(kafka: &KafkaSettings, group_id: &str) -> Result<
 fn base(kafka: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
+    let security = [
+        ("security.protocol", &kafka.security_protocol),
+        ("sasl.mechanism", &kafka.sasl_mechanism),
+        ("sasl.username", &kafka.sasl_username),
+        ("sasl.password", &kafka.sasl_password),
+        ("ssl.ca.location", &kafka.ssl_ca_location),
+    ];
+    for (key, value) in security {
+        if let Some(value) = value {
+            config.set(key, value);
+        }
+    }
     config
 }
 

@@ -17,7 +17,6 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::config::{RedisUnavailable, TierSettings};
-use crate::consume::state::{LaneKey, TopicPartition};
 use crate::consume::Shared;
 use crate::dedupe::{Claim, ClaimToken, Dedupe, DedupeError};
 use crate::envelope::{self, headers, DecodeRules, Job, Record, SluiceHeaders};
@@ -74,40 +73,37 @@ pub(crate) enum Finish {
     Abandoned,
 }
 
-/// Runs the records of one lane in order until the lane is empty.
-pub(crate) async fn run_lane<H: Handler>(
-    shared: Arc<Shared<H>>,
-    partition: TopicPartition,
-    lane: LaneKey,
-    epoch: u64,
-    cancel: CancellationToken,
-) {
+/// One worker of the pool: takes the oldest ready record, runs it to a
+/// terminal state (or gives it up), reports it, and repeats until `stop`.
+/// The pool size is `worker.max_in_flight`, which bounds concurrent jobs
+/// without a task per job.
+pub(crate) async fn run_worker<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
     loop {
-        let next = shared.lock().next_record(&partition, &lane, epoch);
-        let Some(record) = next else {
-            break;
-        };
-        let offset = record.offset;
-
-        let permit = tokio::select! {
-            permit = shared.permits.clone().acquire_owned() => permit,
-            () = cancel.cancelled() => {
-                shared.lock().end_lane(&partition, &lane, epoch);
-                break;
+        let task = loop {
+            // Registered before the queue is checked, so a record admitted
+            // in between still wakes this worker.
+            let notified = shared.work.notified();
+            if stop.is_cancelled() {
+                return;
+            }
+            if let Some(task) = shared.lock().next_task() {
+                break task;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = stop.cancelled() => return,
             }
         };
-        let Ok(_permit) = permit else {
-            break;
-        };
 
+        let (record, cancel, done) = task.into_parts();
         let finish = process(&shared.ctx, record, &cancel).await;
-        if finish == Finish::Abandoned {
-            shared.lock().end_lane(&partition, &lane, epoch);
-            break;
+        let terminal = finish != Finish::Abandoned;
+        let more = shared.lock().finish_task(&done, terminal);
+        if more {
+            shared.work.notify_one();
         }
-        shared.lock().complete(&partition, epoch, offset);
+        shared.lane_finished();
     }
-    shared.lane_finished();
 }
 
 impl Finish {

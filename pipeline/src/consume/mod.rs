@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -82,8 +82,8 @@ pub(crate) struct Shared<H> {
     /// Signalled whenever a lane task ends, for drains waiting on it.
     lane_ended: Condvar,
     ctx: JobContext<H>,
-    permits: Arc<Semaphore>,
-    runtime: tokio::runtime::Handle,
+    /// Wakes an idle worker of the pool when a lane becomes ready.
+    work: Notify,
     drain_deadline: Duration,
     commit_interval: Duration,
     main_topic: String,
@@ -153,6 +153,7 @@ impl<H: Handler> Worker<H> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<Summary, WorkerError> {
         let settings = self.settings;
         let group_id = settings.worker.group_id.clone();
+        let max_in_flight = settings.worker.max_in_flight;
         let topics = subscribed_topics(&settings);
         let dedupe = if settings.dedupe.enabled {
             Some(Dedupe::connect(
@@ -187,8 +188,7 @@ impl<H: Handler> Worker<H> {
             state: Mutex::new(State::new(settings.worker.max_pending_per_partition)),
             lane_ended: Condvar::new(),
             ctx,
-            permits: Arc::new(Semaphore::new(settings.worker.max_in_flight)),
-            runtime: tokio::runtime::Handle::current(),
+            work: Notify::new(),
             drain_deadline: settings.worker.drain_deadline(),
             commit_interval: settings.worker.commit_interval(),
             main_topic: settings.topic.name.clone(),
@@ -216,9 +216,16 @@ impl<H: Handler> Worker<H> {
                 let _ = done_tx.send(());
             })
             .map_err(|e| WorkerError::PollThread(e.to_string()))?;
-        done_rx
-            .await
-            .map_err(|_| WorkerError::PollThread("the poll thread panicked".to_owned()))?;
+        let pool_stop = CancellationToken::new();
+        let pool: Vec<_> = (0..max_in_flight)
+            .map(|_| tokio::spawn(job::run_worker(shared.clone(), pool_stop.clone())))
+            .collect();
+        let polled = done_rx.await;
+        pool_stop.cancel();
+        for worker in pool {
+            let _ = worker.await;
+        }
+        polled.map_err(|_| WorkerError::PollThread("the poll thread panicked".to_owned()))?;
 
         let flush = shared.ctx.producer.clone();
         tokio::task::spawn_blocking(move || flush.flush(Duration::from_secs(10)))

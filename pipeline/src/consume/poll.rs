@@ -12,7 +12,6 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::consume::job::run_lane;
 use crate::consume::state::{Effect, TopicPartition};
 use crate::consume::Shared;
 use crate::envelope::Record;
@@ -224,16 +223,7 @@ fn apply<H: Handler>(
 ) {
     for effect in effects.drain(..) {
         match effect {
-            Effect::Spawn {
-                partition,
-                lane,
-                epoch,
-                cancel,
-            } => {
-                shared
-                    .runtime
-                    .spawn(run_lane(shared.clone(), partition, lane, epoch, cancel));
-            }
+            Effect::Ready => shared.work.notify_one(),
             Effect::Pause(partition) => {
                 debug!(
                     topic = partition.0,

@@ -2,9 +2,14 @@
 //! delayed (paused) tier partitions and backpressure.
 //!
 //! Everything here is plain data behind one mutex. The poll thread admits
-//! records and runs housekeeping; lane tasks take records and report them
-//! terminal. Methods return [`Effect`]s instead of calling Kafka, so the
+//! records and runs housekeeping; the worker pool takes records and reports
+//! them terminal. Methods return [`Effect`]s instead of calling Kafka, so the
 //! rules are testable without a broker.
+//!
+//! A lane with records is either in the ready queue or busy with one worker,
+//! never both, so the records of one key run one at a time and in order.
+//! The ready queue is first in, first out: records start roughly in offset
+//! order, which keeps the committable prefix moving.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -35,17 +40,54 @@ impl LaneKey {
 }
 
 /// What the poll thread must do after a state change.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// Start a task that runs the lane until it is empty.
-    Spawn {
-        partition: TopicPartition,
-        lane: LaneKey,
-        epoch: u64,
-        cancel: CancellationToken,
-    },
+    /// A lane joined the ready queue: wake a worker.
+    Ready,
     Pause(TopicPartition),
     Resume(TopicPartition),
+}
+
+/// One record handed to a worker, with what it needs to report back.
+#[derive(Debug)]
+pub struct Task {
+    pub partition: TopicPartition,
+    pub lane: LaneKey,
+    pub epoch: u64,
+    pub record: Record,
+    /// Cancelled when the partition is revoked or the member stops.
+    pub cancel: CancellationToken,
+}
+
+impl Task {
+    /// Splits the task into its record, its cancel token, and what
+    /// [`State::finish_task`] needs, so the record can move into the job.
+    pub fn into_parts(self) -> (Record, CancellationToken, TaskDone) {
+        let done = TaskDone {
+            offset: self.record.offset,
+            partition: self.partition,
+            lane: self.lane,
+            epoch: self.epoch,
+        };
+        (self.record, self.cancel, done)
+    }
+}
+
+/// Identity of a finished task.
+#[derive(Debug)]
+pub struct TaskDone {
+    pub partition: TopicPartition,
+    pub lane: LaneKey,
+    pub epoch: u64,
+    pub offset: i64,
+}
+
+/// Records of one key, waiting or running.
+#[derive(Debug)]
+struct Lane {
+    queue: VecDeque<Record>,
+    /// A worker runs a record of this lane now.
+    busy: bool,
 }
 
 /// A tier partition held until its head record is due.
@@ -62,8 +104,8 @@ struct PartitionState {
     /// partition, so a late task of a revoked assignment changes nothing.
     epoch: u64,
     tracker: OffsetTracker,
-    /// Lanes with a running task. A lane is removed by its task when empty.
-    lanes: HashMap<LaneKey, VecDeque<Record>>,
+    /// Lanes with records waiting or running; an idle empty lane is removed.
+    lanes: HashMap<LaneKey, Lane>,
     delay: Option<Delay>,
     backpressure: bool,
     paused: bool,
@@ -101,6 +143,8 @@ pub struct Released {
 #[derive(Debug)]
 pub struct State {
     partitions: HashMap<TopicPartition, PartitionState>,
+    /// Lanes whose next record may start, oldest first.
+    ready: VecDeque<(TopicPartition, LaneKey, u64)>,
     next_epoch: u64,
     max_pending: usize,
 }
@@ -122,6 +166,7 @@ impl State {
     pub fn new(max_pending: usize) -> Self {
         State {
             partitions: HashMap::new(),
+            ready: VecDeque::new(),
             next_epoch: 1,
             max_pending,
         }
@@ -159,7 +204,15 @@ impl State {
         if state.cancel.is_cancelled() || !state.tracker.track(record.offset) {
             return;
         }
-        Self::route(&partition, state, record, now, now_ms, effects);
+        Self::route(
+            &partition,
+            state,
+            record,
+            now,
+            now_ms,
+            &mut self.ready,
+            effects,
+        );
         if state.tracker.in_progress() >= max_pending {
             state.backpressure = true;
         }
@@ -172,6 +225,7 @@ impl State {
         record: Record,
         now: Instant,
         now_ms: i64,
+        ready: &mut VecDeque<(TopicPartition, LaneKey, u64)>,
         effects: &mut Vec<Effect>,
     ) {
         if let Some(delay) = &mut state.delay {
@@ -188,64 +242,78 @@ impl State {
                 return;
             }
         }
-        let lane = LaneKey::of(&record);
-        match state.lanes.get_mut(&lane) {
-            Some(queue) => queue.push_back(record),
+        let key = LaneKey::of(&record);
+        match state.lanes.get_mut(&key) {
+            Some(lane) => lane.queue.push_back(record),
             None => {
-                state.lanes.insert(lane.clone(), VecDeque::from([record]));
-                effects.push(Effect::Spawn {
-                    partition: partition.clone(),
-                    lane,
-                    epoch: state.epoch,
-                    cancel: state.cancel.clone(),
-                });
+                let lane = Lane {
+                    queue: VecDeque::from([record]),
+                    busy: false,
+                };
+                state.lanes.insert(key.clone(), lane);
+                ready.push_back((partition.clone(), key, state.epoch));
+                effects.push(Effect::Ready);
             }
         }
     }
 
-    /// Takes the next record of a lane, or removes the lane when it is empty
-    /// (then the lane's task ends). Returns `None` as well when the
-    /// partition was revoked since the task started.
-    pub fn next_record(
-        &mut self,
-        partition: &TopicPartition,
-        lane: &LaneKey,
-        epoch: u64,
-    ) -> Option<Record> {
-        let state = self
-            .partitions
-            .get_mut(partition)
-            .filter(|s| s.epoch == epoch)?;
-        let queue = state.lanes.get_mut(lane)?;
-        match queue.pop_front() {
-            Some(record) => Some(record),
-            None => {
-                state.lanes.remove(lane);
-                None
-            }
+    /// Takes the next record of the oldest ready lane and marks the lane
+    /// busy. Returns `None` when no lane is ready.
+    pub fn next_task(&mut self) -> Option<Task> {
+        while let Some((partition, key, epoch)) = self.ready.pop_front() {
+            // Entries of a revoked assignment are stale; skip them.
+            let Some(state) = self
+                .partitions
+                .get_mut(&partition)
+                .filter(|s| s.epoch == epoch)
+            else {
+                continue;
+            };
+            let Some(lane) = state.lanes.get_mut(&key) else {
+                continue;
+            };
+            let Some(record) = lane.queue.pop_front() else {
+                state.lanes.remove(&key);
+                continue;
+            };
+            lane.busy = true;
+            return Some(Task {
+                partition,
+                lane: key,
+                epoch,
+                record,
+                cancel: state.cancel.clone(),
+            });
         }
+        None
     }
 
-    /// Removes an empty lane whose task stopped early (cancelled).
-    pub fn end_lane(&mut self, partition: &TopicPartition, lane: &LaneKey, epoch: u64) {
-        if let Some(state) = self
+    /// Reports a task done. A terminal record's offset is marked for commit;
+    /// an abandoned one stays uncommitted. The lane goes back to the ready
+    /// queue when it has more records (returns `true`: wake a worker), or is
+    /// removed. Ignored for an earlier assignment.
+    pub fn finish_task(&mut self, task: &TaskDone, terminal: bool) -> bool {
+        let Some(state) = self
             .partitions
-            .get_mut(partition)
-            .filter(|s| s.epoch == epoch)
-        {
-            state.lanes.remove(lane);
+            .get_mut(&task.partition)
+            .filter(|s| s.epoch == task.epoch)
+        else {
+            return false;
+        };
+        if terminal {
+            state.tracker.complete(task.offset);
         }
-    }
-
-    /// Marks an offset terminal. Ignored for an earlier assignment.
-    pub fn complete(&mut self, partition: &TopicPartition, epoch: u64, offset: i64) {
-        if let Some(state) = self
-            .partitions
-            .get_mut(partition)
-            .filter(|s| s.epoch == epoch)
-        {
-            state.tracker.complete(offset);
+        let Some(lane) = state.lanes.get_mut(&task.lane) else {
+            return false;
+        };
+        lane.busy = false;
+        if lane.queue.is_empty() || state.cancel.is_cancelled() {
+            state.lanes.remove(&task.lane);
+            return false;
         }
+        self.ready
+            .push_back((task.partition.clone(), task.lane.clone(), task.epoch));
+        true
     }
 
     /// Releases tier partitions whose head record is due and resumes
@@ -259,7 +327,15 @@ impl State {
             if state.delay.as_ref().is_some_and(|delay| delay.due <= now) {
                 let held = state.delay.take().map(|d| d.held).unwrap_or_default();
                 for record in held {
-                    Self::route(partition, state, record, now, now_ms, effects);
+                    Self::route(
+                        partition,
+                        state,
+                        record,
+                        now,
+                        now_ms,
+                        &mut self.ready,
+                        effects,
+                    );
                 }
             }
             if state.backpressure && state.tracker.in_progress() <= resume_below {
@@ -284,19 +360,22 @@ impl State {
             if let Some(state) = self.partitions.get_mut(partition) {
                 state.cancel.cancel();
                 state.delay = None;
-                for queue in state.lanes.values_mut() {
-                    queue.clear();
+                state.lanes.retain(|_, lane| lane.busy);
+                for lane in state.lanes.values_mut() {
+                    lane.queue.clear();
                 }
             }
         }
+        self.ready
+            .retain(|(partition, _, _)| !partitions.contains(partition));
     }
 
-    /// Lanes of `partitions` whose task still runs.
+    /// Lanes of `partitions` with a record running now.
     pub fn running_lanes(&self, partitions: &[TopicPartition]) -> usize {
         partitions
             .iter()
             .filter_map(|p| self.partitions.get(p))
-            .map(|state| state.lanes.len())
+            .map(|state| state.lanes.values().filter(|lane| lane.busy).count())
             .sum()
     }
 
@@ -380,40 +459,53 @@ mod tests {
         }
     }
 
-    fn spawned(effects: &[Effect]) -> usize {
-        effects
-            .iter()
-            .filter(|e| matches!(e, Effect::Spawn { .. }))
-            .count()
+    fn ready(effects: &[Effect]) -> usize {
+        effects.iter().filter(|e| **e == Effect::Ready).count()
     }
 
     #[test]
-    fn same_key_records_share_a_lane_in_offset_order() {
+    fn same_key_records_run_one_at_a_time_in_order() {
         let mut state = State::new(100);
-        let partition = ("main".to_owned(), 0);
-        state.assign(partition.clone(), false);
+        state.assign(("main".to_owned(), 0), false);
         let now = Instant::now();
         let mut effects = Vec::new();
         state.admit(record("main", 0, Some("a"), None), now, 0, &mut effects);
         state.admit(record("main", 1, Some("b"), None), now, 0, &mut effects);
         state.admit(record("main", 2, Some("a"), None), now, 0, &mut effects);
-        assert_eq!(spawned(&effects), 2);
+        assert_eq!(ready(&effects), 2);
 
-        let lane = LaneKey::Key(b"a".to_vec());
-        let epoch = match &effects[0] {
-            Effect::Spawn { epoch, .. } => *epoch,
-            other => panic!("unexpected {other:?}"),
-        };
-        assert_eq!(
-            state.next_record(&partition, &lane, epoch).unwrap().offset,
-            0
+        let first = state.next_task().unwrap().into_parts().2;
+        let second = state.next_task().unwrap().into_parts().2;
+        assert_eq!((first.offset, second.offset), (0, 1));
+        assert!(
+            state.next_task().is_none(),
+            "offset 2 waits for offset 0 of its key"
         );
-        assert_eq!(
-            state.next_record(&partition, &lane, epoch).unwrap().offset,
-            2
-        );
-        assert!(state.next_record(&partition, &lane, epoch).is_none());
-        assert_eq!(state.running_lanes(std::slice::from_ref(&partition)), 1);
+
+        assert!(state.finish_task(&first, true), "lane a has more");
+        assert_eq!(state.next_task().unwrap().record.offset, 2);
+        assert!(!state.finish_task(&second, true), "lane b is empty");
+    }
+
+    #[test]
+    fn records_start_in_admission_order() {
+        let mut state = State::new(100);
+        state.assign(("main".to_owned(), 0), false);
+        let now = Instant::now();
+        let mut effects = Vec::new();
+        for offset in 0..50 {
+            let key = format!("k{offset}");
+            state.admit(
+                record("main", offset, Some(&key), None),
+                now,
+                0,
+                &mut effects,
+            );
+        }
+        let order: Vec<i64> = std::iter::from_fn(|| state.next_task())
+            .map(|t| t.record.offset)
+            .collect();
+        assert_eq!(order, (0..50).collect::<Vec<_>>());
     }
 
     #[test]
@@ -437,67 +529,84 @@ mod tests {
         );
         assert!(matches!(effects.as_slice(), [Effect::Pause(_)]));
         assert_eq!(state.next_due(), Some(now + Duration::from_millis(500)));
+        assert!(state.next_task().is_none());
 
         effects.clear();
         state.housekeeping(now + Duration::from_millis(499), 10_499, &mut effects);
         assert!(effects.is_empty());
 
         state.housekeeping(now + Duration::from_millis(500), 10_500, &mut effects);
-        assert_eq!(spawned(&effects), 2);
+        assert_eq!(ready(&effects), 2);
         assert!(matches!(effects.last(), Some(Effect::Resume(_))));
         assert_eq!(state.next_due(), None);
+        assert_eq!(state.next_task().unwrap().record.offset, 5);
     }
 
     #[test]
     fn backpressure_pauses_then_resumes_below_half() {
         let mut state = State::new(4);
-        let partition = ("main".to_owned(), 0);
-        state.assign(partition.clone(), false);
+        state.assign(("main".to_owned(), 0), false);
         let now = Instant::now();
         let mut effects = Vec::new();
         for offset in 0..4 {
             state.admit(record("main", offset, None, None), now, 0, &mut effects);
         }
         assert!(matches!(effects.last(), Some(Effect::Pause(_))));
-        let epoch = 1;
-        state.complete(&partition, epoch, 0);
+        let first = state.next_task().unwrap().into_parts().2;
+        state.finish_task(&first, true);
         effects.clear();
         state.housekeeping(now, 0, &mut effects);
         assert!(effects.is_empty(), "3 of 4 still pending");
-        state.complete(&partition, epoch, 1);
+        let second = state.next_task().unwrap().into_parts().2;
+        state.finish_task(&second, true);
         state.housekeeping(now, 0, &mut effects);
         assert!(matches!(effects.as_slice(), [Effect::Resume(_)]));
     }
 
     #[test]
-    fn revoke_drops_queued_records_and_commits_prefix() {
+    fn revoke_drops_waiting_records_and_commits_prefix() {
         let mut state = State::new(100);
         let partition = ("main".to_owned(), 3);
         state.assign(partition.clone(), false);
         let now = Instant::now();
         let mut effects = Vec::new();
-        for offset in 10..13 {
-            let mut r = record("main", offset, Some("k"), None);
+        for offset in 10..14 {
+            let mut r = record(
+                "main",
+                offset,
+                Some(if offset == 13 { "other" } else { "k" }),
+                None,
+            );
             r.partition = 3;
             state.admit(r, now, 0, &mut effects);
         }
-        let lane = LaneKey::Key(b"k".to_vec());
-        let first = state.next_record(&partition, &lane, 1).unwrap();
-        state.complete(&partition, 1, first.offset);
+        let first = state.next_task().unwrap().into_parts().2;
+        assert!(state.finish_task(&first, true), "lane k goes to the back");
+        let other = state.next_task().unwrap().into_parts().2;
+        assert_eq!(other.offset, 13);
+        assert!(!state.finish_task(&other, true));
+        let (record, cancel, running) = state.next_task().unwrap().into_parts();
+        assert_eq!(record.offset, 11);
+
         state.revoke(std::slice::from_ref(&partition));
-        assert!(state.next_record(&partition, &lane, 1).is_none());
+        assert!(cancel.is_cancelled());
+        assert!(state.next_task().is_none(), "waiting records are dropped");
+        assert_eq!(state.running_lanes(std::slice::from_ref(&partition)), 1);
+        assert!(!state.finish_task(&running, false));
+        assert_eq!(state.running_lanes(std::slice::from_ref(&partition)), 0);
+
         let released = state.remove(std::slice::from_ref(&partition));
         assert_eq!(
             released,
             vec![Released {
                 partition: partition.clone(),
                 commit: Some(11),
-                abandoned: 2
+                abandoned: 2,
             }]
         );
-        // A late completion of the old assignment changes nothing.
+        // A late report of the old assignment changes nothing.
         state.assign(partition.clone(), false);
-        state.complete(&partition, 1, 11);
+        state.finish_task(&running, true);
         assert!(state.take_commits().is_empty());
     }
 }
