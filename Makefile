@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEFAULT_INPUT := ../shared/data/gharchive-min-2019-09-26-h00/events.ndjson
 INPUT ?= $(wildcard $(DEFAULT_INPUT))
 
-.PHONY: test demo stack-up stack-down stack-status lint unit
+.PHONY: test demo stack-up stack-down stack-status lint unit deploy-check
 
 stack-up:
 	bash deploy/local/stack.sh up
@@ -23,9 +23,13 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib --bins
 
-# The integration tests run the real `sluice` binary, so it is built first.
-test: stack-up lint
+# Offline checks of docker-compose.yml and deploy/k8s against the binary.
+deploy-check:
 	$(CARGO) build --workspace --bins
+	python3 deploy/check.py --sluice target/debug/sluice
+
+# The integration tests run the real `sluice` binary, so it is built first.
+test: stack-up lint deploy-check
 	$(CARGO) test --workspace
 
 demo: stack-up

@@ -40,6 +40,8 @@ enum Command {
     Group(commands::group::GroupCommand),
     /// Show offsets, lag and dead letters of the configured group.
     Status(commands::status::StatusArgs),
+    /// Exit 0 when a health URL answers 2xx (for container health checks).
+    Probe(commands::probe::ProbeArgs),
     /// Check a settings file.
     #[command(subcommand)]
     Config(commands::config::ConfigCommand),
@@ -61,6 +63,9 @@ fn cause_chain(error: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // TLS to Redis (`rediss://`) uses rustls, which needs one crypto
+    // provider per process. An error means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let telemetry = match logging::init(cli.log_format) {
         Ok(telemetry) => telemetry,
         Err(error) => {
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
             Command::Work(args) => commands::work::run(args).await,
             Command::Topics(command) => commands::topics::run(command).await,
             Command::Status(args) => commands::status::run(args).await,
+            Command::Probe(args) => commands::probe::run(args).await,
             Command::Replay(args) => commands::replay::run(args).await,
             Command::Dlq(command) => commands::dlq::run(command).await,
             Command::Group(command) => commands::group::run(command).await,

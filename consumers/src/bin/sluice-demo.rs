@@ -43,8 +43,12 @@ const ALWAYS_400_PER_MILLE: u64 = 5;
 #[command(about = "Run the sluice demo and reconcile the result")]
 struct Args {
     /// NDJSON input with an `id` and a `repo` field per line.
-    #[arg(long)]
-    input: PathBuf,
+    #[arg(long, required_unless_present = "receive_only")]
+    input: Option<PathBuf>,
+    /// Only run the webhook receiver on this address (as the docker-compose
+    /// demo does), logging its counts every 10 seconds.
+    #[arg(long, value_name = "ADDR")]
+    receive_only: Option<String>,
     /// Demo settings file.
     #[arg(long, default_value = "deploy/demo/demo.toml")]
     config: PathBuf,
@@ -175,17 +179,23 @@ impl Run {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(address) = &args.receive_only {
+        return receive_only(address).await;
+    }
+    let Some(input) = args.input.clone() else {
+        bail!("--input is required unless --receive-only is given");
+    };
     if !args.sluice.exists() {
         bail!(
             "{} not found; build it with `cargo build --release`",
             args.sluice.display()
         );
     }
-    let ids = input_job_ids(&args.input)?;
+    let ids = input_job_ids(&input)?;
     let unique: HashSet<&str> = ids.iter().map(String::as_str).collect();
     println!(
         "input: {} ({} jobs, {} distinct job ids)",
-        args.input.display(),
+        input.display(),
         ids.len(),
         unique.len()
     );
@@ -258,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    let input = args.input.to_str().context("--input must be valid UTF-8")?;
+    let input = input.to_str().context("--input must be valid UTF-8")?;
     let output = run
         .command(&[
             "produce",
@@ -420,6 +430,39 @@ async fn main() -> anyhow::Result<()> {
         bail!("reconciliation failed: {lost} job(s) lost");
     }
     Ok(())
+}
+
+/// Serves the receiver alone and logs its counts until stopped.
+async fn receive_only(address: &str) -> anyhow::Result<()> {
+    let receiver: Shared = Arc::default();
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to listen on --receive-only {address:?}"))?;
+    println!("receiver listening on {}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        ticker.tick().await;
+        let state = receiver.lock().unwrap_or_else(|p| p.into_inner());
+        let duplicates: u64 = state
+            .delivered
+            .values()
+            .map(|n| u64::from(n.saturating_sub(1)))
+            .sum();
+        println!(
+            "{}",
+            json!({
+                "requests": state.requests,
+                "delivered": state.delivered.len(),
+                "answered_503": state.answered_503,
+                "answered_400": state.answered_400,
+                "receiver_duplicates": duplicates,
+            })
+        );
+    }
 }
 
 /// Waits until the group's committed offsets reach the log end on every

@@ -13,7 +13,7 @@ use crate::settings::ServiceSettings;
 #[derive(Debug, Args)]
 pub struct KafkaArgs {
     /// Bootstrap servers; overrides `kafka.brokers` of --config.
-    #[arg(long, env = "SLUICE_KAFKA__BROKERS")]
+    #[arg(long, env = "SLUICE_KAFKA__BROKERS", hide_env_values = true)]
     brokers: Option<String>,
     /// Settings file to take the Kafka section from (brokers, SASL, TLS).
     #[arg(long)]

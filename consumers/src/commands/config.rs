@@ -18,7 +18,7 @@ pub enum ConfigCommand {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// TOML settings file.
-    #[arg(long, env = "SLUICE_CONFIG")]
+    #[arg(long, env = "SLUICE_CONFIG", hide_env_values = true)]
     config: PathBuf,
 }
 

@@ -4,6 +4,7 @@ pub mod common;
 pub mod config;
 pub mod dlq;
 pub mod group;
+pub mod probe;
 pub mod produce;
 pub mod replay;
 pub mod status;

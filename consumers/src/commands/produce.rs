@@ -48,7 +48,7 @@ pub struct ProduceArgs {
     #[arg(long)]
     id_field: Option<String>,
     /// Bootstrap servers; overrides `kafka.brokers` of --config.
-    #[arg(long, env = "SLUICE_KAFKA__BROKERS")]
+    #[arg(long, env = "SLUICE_KAFKA__BROKERS", hide_env_values = true)]
     brokers: Option<String>,
     /// Settings file to take the Kafka section from (brokers, SASL, TLS).
     #[arg(long)]

@@ -12,7 +12,7 @@ use crate::settings::ServiceSettings;
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// TOML settings file.
-    #[arg(long, env = "SLUICE_CONFIG")]
+    #[arg(long, env = "SLUICE_CONFIG", hide_env_values = true)]
     config: PathBuf,
     /// Print one JSON object instead of a table.
     #[arg(long)]

@@ -19,7 +19,7 @@ pub enum TopicsCommand {
 #[derive(Debug, Args)]
 pub struct EnsureArgs {
     /// TOML settings file.
-    #[arg(long, env = "SLUICE_CONFIG")]
+    #[arg(long, env = "SLUICE_CONFIG", hide_env_values = true)]
     config: PathBuf,
     /// Print one JSON object instead of a table.
     #[arg(long)]

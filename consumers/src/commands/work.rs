@@ -16,7 +16,7 @@ use crate::settings::ServiceSettings;
 #[derive(Debug, Args)]
 pub struct WorkArgs {
     /// TOML settings file; `SLUICE_<SECTION>__<KEY>` variables override it.
-    #[arg(long, env = "SLUICE_CONFIG")]
+    #[arg(long, env = "SLUICE_CONFIG", hide_env_values = true)]
     config: PathBuf,
 }
 
