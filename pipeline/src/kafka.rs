@@ -139,6 +139,21 @@ pub fn reader_config(kafka: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// Context of readers that ask librdkafka for end-of-partition events: logs
+/// client errors through `tracing`, except those expected events.
+#[derive(Debug, Default)]
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "librdkafka reported an error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
 /// Timeout for one admin or metadata request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

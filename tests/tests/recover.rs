@@ -439,6 +439,148 @@ async fn redrive_moves_dead_letters_back_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn filtered_then_full_redrive_sends_each_once() {
+    let settings = settings("redrive-filter", 1);
+    let topics = Topics::create(&settings).await;
+    let records: Vec<_> = (0..3)
+        .map(|i| {
+            job(
+                topics.main(),
+                &format!("rf-{i}"),
+                "same",
+                json!({"mode": "reject_until_redriven"}),
+            )
+        })
+        .collect();
+    produce(&records).await;
+    let handler = Scripted::default();
+    let running = start(&settings, handler.clone());
+    let dlq = topics.dlq();
+    wait_until("three dead letters", HANG_GUARD, || async {
+        read_all(&dlq).await.len() == 3
+    })
+    .await;
+    drained(&settings, &topics).await;
+
+    // The middle one first, then everything: each dead letter goes back once.
+    let one = sluice_json(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topics.main(),
+        "--job-id",
+        "rf-1",
+        "--yes",
+        "--json",
+    ]);
+    assert_eq!(one["redriven"], 1);
+    let rest = sluice_json(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topics.main(),
+        "--yes",
+        "--json",
+    ]);
+    assert_eq!(rest["redriven"], 2, "{rest}");
+    assert_eq!(rest["already_redriven"], 1, "{rest}");
+    assert_eq!(rest["redriven_job_ids"], json!(["rf-0", "rf-2"]));
+    let again = sluice_json(&[
+        "dlq",
+        "redrive",
+        "--topic",
+        topics.main(),
+        "--yes",
+        "--json",
+    ]);
+    assert_eq!(again["redriven"], 0, "{again}");
+    assert_eq!(again["dry_run"], false);
+
+    wait_until("all three healed", HANG_GUARD, || async {
+        handler.successes().len() == 3
+    })
+    .await;
+    drained(&settings, &topics).await;
+    running.stop().await;
+    assert_eq!(
+        read_all(topics.main()).await.len(),
+        6,
+        "three jobs and one redrive copy each"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_concurrent_redrive_refuses() {
+    let settings = settings("redrive-twice", 1);
+    let topics = Topics::create(&settings).await;
+    let records: Vec<_> = (0..6)
+        .map(|i| {
+            job(
+                topics.main(),
+                &format!("rc-{i}"),
+                &format!("k{i}"),
+                json!({"mode": "reject"}),
+            )
+        })
+        .collect();
+    produce(&records).await;
+    let handler = Scripted::default();
+    let running = start(&settings, handler.clone());
+    let dlq = topics.dlq();
+    wait_until("six dead letters", HANG_GUARD, || async {
+        read_all(&dlq).await.len() == 6
+    })
+    .await;
+    running.stop().await;
+
+    let brokers = brokers();
+    let slow = Command::new(sluice_binary())
+        .args([
+            "dlq",
+            "redrive",
+            "--topic",
+            topics.main(),
+            "--rate",
+            "2/s",
+            "--yes",
+            "--json",
+            "--brokers",
+            &brokers,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Long enough for the first redrive to join its cursor group.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = Command::new(sluice_binary())
+        .args([
+            "dlq",
+            "redrive",
+            "--topic",
+            topics.main(),
+            "--yes",
+            "--json",
+            "--brokers",
+            &brokers,
+        ])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another redrive"), "{stderr}");
+
+    let first = slow.wait_with_output().unwrap();
+    assert!(first.status.success());
+    let summary: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(summary["redriven"], 6);
+    assert_eq!(
+        read_all(topics.main()).await.len(),
+        12,
+        "each dead letter redriven once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_reset_refuses_live_group_and_moves_idle_one() {
     let settings = settings("reset", 2);
     let topics = Topics::create(&settings).await;

@@ -156,12 +156,21 @@ fn parse_at(text: &str) -> anyhow::Result<(i32, i64)> {
     let (partition, offset) = text
         .split_once('@')
         .with_context(|| format!("invalid --at {text:?}: use PARTITION@OFFSET such as 2@1045"))?;
-    let partition = partition
+    let invalid = || {
+        format!(
+            "invalid --at {text:?}: use PARTITION@OFFSET with non-negative numbers such as 2@1045"
+        )
+    };
+    let partition: i32 = partition
         .parse()
-        .with_context(|| format!("invalid partition in --at {text:?}"))?;
-    let offset = offset
+        .ok()
+        .filter(|p| *p >= 0)
+        .with_context(invalid)?;
+    let offset: i64 = offset
         .parse()
-        .with_context(|| format!("invalid offset in --at {text:?}"))?;
+        .ok()
+        .filter(|o| *o >= 0)
+        .with_context(invalid)?;
     Ok((partition, offset))
 }
 
@@ -175,7 +184,7 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     })
     .await??;
     let Some(letter) = letter else {
-        bail!("no dead letter at {partition}@{offset} in {topic}; list them with `sluice dlq list --topic {topic}`");
+        bail!("no dead letter at {partition}@{offset} in {topic} (past the log end, or deleted by retention); list them with `sluice dlq list --topic {topic}`");
     };
     if args.json {
         println!("{}", json_of(&letter, true));
@@ -219,8 +228,9 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<ExitCode> {
     let filter = args.filter.filter();
 
     // Count first, so the operator confirms a number.
-    let preview = dead_letters::redrive(&kafka, &topic, &filter, None, true).await?;
+    let mut preview = dead_letters::redrive(&kafka, &topic, &filter, None, true).await?;
     if args.dry_run || preview.redriven == 0 {
+        preview.dry_run = args.dry_run;
         print_summary(&preview, args.json);
         return Ok(ExitCode::SUCCESS);
     }

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use anyhow::{bail, Context};
 use clap::{ArgGroup, Args, ValueEnum};
 use indicatif::ProgressBar;
 use pipeline::recover::replay::{self, DedupeMode, End, ReplayRequest, Start};
@@ -29,13 +30,13 @@ pub struct ReplayArgs {
     #[arg(long, value_parser = parse_partitions)]
     partitions: Option<Partitions>,
     /// First offset to replay in each partition (inclusive).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
     from_offset: Option<i64>,
     /// Replay from the first record at or after this RFC 3339 time.
     #[arg(long, value_parser = parse_time)]
     from_time: Option<i64>,
     /// First offset not replayed (exclusive; default: the log end now).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
     to_offset: Option<i64>,
     /// Stop before the first record at or after this RFC 3339 time.
     #[arg(long, value_parser = parse_time)]
@@ -66,6 +67,20 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let kafka = args.kafka.settings()?;
     if let Some(into) = &args.into {
         pipeline::config::validate_topic_name("--into", into)?;
+    }
+    let target_name = args.into.as_deref().unwrap_or(&args.topic);
+    if target_name.ends_with(".dlq") {
+        bail!(
+            "refusing to replay into the dead-letter topic {target_name}: copies there would be redriven as new dead letters; use `sluice dlq redrive` to send dead letters back, or --into another topic"
+        );
+    }
+    if let Some(into) = &args.into {
+        let (check_kafka, name) = (kafka.clone(), into.clone());
+        tokio::task::spawn_blocking(move || {
+            pipeline::admin::topics::partition_count(&check_kafka, &name)
+        })
+        .await?
+        .with_context(|| format!("invalid --into {into}"))?;
     }
     let request = ReplayRequest {
         topic: args.topic.clone(),

@@ -46,6 +46,11 @@ impl HttpPush {
             .header(CONTENT_TYPE, content_type(job.payload()))
             .header("Idempotency-Key", &job.id)
             .header("Sluice-Attempt", job.attempt.to_string());
+        // A `--dedupe bypass` replay runs a job again on purpose; this tells
+        // an endpoint that honors Idempotency-Key to accept the repeat.
+        if let Some(generation) = &job.lineage.replay_generation {
+            request = request.header("Sluice-Replay-Generation", generation.as_str());
+        }
 
         // With tracing on, the request gets a client span of its own and
         // carries that context downstream; otherwise the job's trace headers

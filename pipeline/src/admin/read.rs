@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::admin::AdminError;
 use crate::config::KafkaSettings;
 use crate::envelope::Record;
-use crate::kafka::{from_kafka_headers, reader_config, REQUEST_TIMEOUT};
+use crate::kafka::{from_kafka_headers, reader_config, ReaderContext, REQUEST_TIMEOUT};
 
 /// Reads every record of `topic` from the log start up to the log end seen
 /// when the call starts. Blocking; call it from `spawn_blocking` in async
@@ -20,7 +20,9 @@ pub fn read_topic(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Record>, AdminError> {
-    let consumer: BaseConsumer = reader_config(kafka).create().map_err(AdminError::Client)?;
+    let consumer: BaseConsumer<ReaderContext> = reader_config(kafka)
+        .create_with_context(ReaderContext)
+        .map_err(AdminError::Client)?;
     let request_error = |operation, source| AdminError::Request {
         operation,
         brokers: kafka.brokers.clone(),

@@ -102,6 +102,8 @@ impl<H: Handler> ConsumerContext for MemberContext<H> {
                 drop(state);
                 self.shared.metrics.assigned_partitions.set(assigned as i64);
                 self.shared.health.set_assigned(true);
+                // An assignment comes from the group coordinator, a broker.
+                self.shared.health.set_kafka_up(true);
                 info!(partitions = ?partitions, "partitions assigned");
             }
             Rebalance::Revoke(list) => {

@@ -7,9 +7,12 @@
 //! `sluice-redrive.<dead-letter topic>`, whose committed offset per
 //! partition is the first dead letter not yet redriven. A filtered redrive
 //! may redrive dead letters beyond a record it left out; those offsets are
-//! stored in the commit's metadata until the cursor passes them.
+//! stored in the commit's metadata until the cursor passes them. A running
+//! redrive is a member of that group, so a second one refuses to start.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -168,6 +171,10 @@ pub fn show(
 ) -> Result<Option<DeadLetter>, RecoverError> {
     let reader = TopicReader::new(kafka, topic)?;
     reader.select(Some(&[partition]))?;
+    let (low, high) = reader.watermarks(partition)?;
+    if offset < low || offset >= high {
+        return Ok(None);
+    }
     let mut found = None;
     reader.read_ranges(&[(partition, offset, offset + 1)], |record| {
         found = Some(DeadLetter::from_record(record));
@@ -285,18 +292,128 @@ pub struct RedriveSummary {
     pub elapsed_s: f64,
 }
 
-fn cursor_consumer(kafka: &KafkaSettings, dlq_topic: &str) -> Result<BaseConsumer, RecoverError> {
-    let mut config = reader_config(kafka);
-    config.set("group.id", cursor_group(dlq_topic));
-    config.create().map_err(RecoverError::Client)
+/// Membership of the cursor group for the length of one redrive. Holding it
+/// makes a second redrive of the same topic refuse to start, and it commits
+/// the cursor after every delivery, so a killed redrive repeats at most the
+/// dead letter it was sending.
+struct CursorLease {
+    consumer: Arc<BaseConsumer>,
+    stop: Arc<AtomicBool>,
+    poller: Option<std::thread::JoinHandle<()>>,
+    topic: String,
+    brokers: String,
+}
+
+impl CursorLease {
+    /// Joins the cursor group after checking that nobody else holds it.
+    /// Blocking.
+    fn acquire(kafka: &KafkaSettings, dlq_topic: &str) -> Result<CursorLease, RecoverError> {
+        let group = cursor_group(dlq_topic);
+        let holders = crate::recover::group::members(kafka, &group)?;
+        if !holders.is_empty() {
+            let names: Vec<String> = holders
+                .iter()
+                .map(|m| format!("{} on {}", m.client_id, m.host))
+                .collect();
+            return Err(RecoverError::RedriveRunning {
+                topic: dlq_topic.to_owned(),
+                holders: names.join(", "),
+            });
+        }
+        let mut config = reader_config(kafka);
+        config
+            .set("group.id", &group)
+            .set("enable.partition.eof", "false");
+        let consumer: BaseConsumer = config.create().map_err(RecoverError::Client)?;
+        let request_error = |operation, source| RecoverError::Request {
+            operation,
+            topic: dlq_topic.to_owned(),
+            brokers: kafka.brokers.clone(),
+            source,
+        };
+        consumer
+            .subscribe(&[dlq_topic])
+            .map_err(|e| request_error("join the redrive cursor group", e))?;
+        // Poll until the group hands this member its partitions; records it
+        // fetches are ignored (the redrive reads with its own reader).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let _ = consumer.poll(Duration::from_millis(100));
+            let assigned = consumer
+                .assignment()
+                .map_err(|e| request_error("join the redrive cursor group", e))?;
+            if assigned.count() > 0 {
+                let _ = consumer.pause(&assigned);
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(request_error(
+                    "join the redrive cursor group in time",
+                    rdkafka::error::KafkaError::Canceled,
+                ));
+            }
+        }
+        let consumer = Arc::new(consumer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (polled, stopped) = (consumer.clone(), stop.clone());
+        // Polling keeps the membership alive while the redrive sends.
+        let poller = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let _ = polled.poll(Duration::from_millis(100));
+            }
+        });
+        Ok(CursorLease {
+            consumer,
+            stop,
+            poller: Some(poller),
+            topic: dlq_topic.to_owned(),
+            brokers: kafka.brokers.clone(),
+        })
+    }
+
+    /// Commits one partition's cursor. Blocking.
+    fn commit(&self, partition: i32, cursor: &Cursor) -> Result<(), RecoverError> {
+        let metadata = cursor.encode();
+        if metadata.len() > MAX_CURSOR_METADATA_BYTES {
+            return Err(RecoverError::CursorFull {
+                topic: self.topic.clone(),
+                partition,
+                count: cursor.beyond.len(),
+            });
+        }
+        let error = |source| RecoverError::Request {
+            operation: "advance the redrive cursor",
+            topic: self.topic.clone(),
+            brokers: self.brokers.clone(),
+            source,
+        };
+        let mut list = TopicPartitionList::new();
+        let mut element = list.add_partition(&self.topic, partition);
+        element
+            .set_offset(Offset::Offset(cursor.next))
+            .map_err(error)?;
+        element.set_metadata(metadata);
+        self.consumer.commit(&list, CommitMode::Sync).map_err(error)
+    }
+}
+
+impl Drop for CursorLease {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
+        }
+    }
 }
 
 fn read_cursors(
-    consumer: &BaseConsumer,
     kafka: &KafkaSettings,
     dlq_topic: &str,
     partitions: &[(i32, i64)],
 ) -> Result<Vec<Cursor>, RecoverError> {
+    let mut config = reader_config(kafka);
+    config.set("group.id", cursor_group(dlq_topic));
+    let consumer: BaseConsumer = config.create().map_err(RecoverError::Client)?;
     let mut list = TopicPartitionList::new();
     for (partition, _) in partitions {
         list.add_partition(dlq_topic, *partition);
@@ -329,46 +446,8 @@ fn read_cursors(
         .collect())
 }
 
-fn write_cursors(
-    consumer: &BaseConsumer,
-    kafka: &KafkaSettings,
-    dlq_topic: &str,
-    cursors: &[(i32, Cursor)],
-) -> Result<(), RecoverError> {
-    let mut list = TopicPartitionList::new();
-    for (partition, cursor) in cursors {
-        let metadata = cursor.encode();
-        if metadata.len() > MAX_CURSOR_METADATA_BYTES {
-            return Err(RecoverError::CursorFull {
-                topic: dlq_topic.to_owned(),
-                partition: *partition,
-                count: cursor.beyond.len(),
-            });
-        }
-        let mut element = list.add_partition(dlq_topic, *partition);
-        element
-            .set_offset(Offset::Offset(cursor.next))
-            .map_err(|source| RecoverError::Request {
-                operation: "set the redrive cursor",
-                topic: dlq_topic.to_owned(),
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
-        element.set_metadata(metadata);
-    }
-    consumer
-        .commit(&list, CommitMode::Sync)
-        .map_err(|source| RecoverError::Request {
-            operation: "advance the redrive cursor",
-            topic: dlq_topic.to_owned(),
-            brokers: kafka.brokers.clone(),
-            source,
-        })
-}
-
-/// Redrives matching dead letters from the cursor to the log end, then
-/// advances the cursor. With `dry_run` it only counts. Blocking reads,
-/// async produce.
+/// Redrives matching dead letters from the cursor to the log end. With
+/// `dry_run` it only counts and writes nothing.
 pub async fn redrive(
     kafka: &KafkaSettings,
     topic: &str,
@@ -378,22 +457,33 @@ pub async fn redrive(
 ) -> Result<RedriveSummary, RecoverError> {
     let started = Instant::now();
     let dlq = dlq_topic(topic);
+
+    let lease = if dry_run {
+        None
+    } else {
+        let (lease_kafka, lease_topic) = (kafka.clone(), dlq.clone());
+        let lease =
+            tokio::task::spawn_blocking(move || CursorLease::acquire(&lease_kafka, &lease_topic))
+                .await
+                .map_err(|e| RecoverError::Task(e.to_string()))??;
+        Some(Arc::new(lease))
+    };
+
     let (plan_kafka, plan_topic) = (kafka.clone(), dlq.clone());
-    let plan = tokio::task::spawn_blocking(move || -> Result<_, RecoverError> {
+    let (mut cursors, letters) = tokio::task::spawn_blocking(move || -> Result<_, RecoverError> {
         let reader = TopicReader::new(&plan_kafka, &plan_topic)?;
         let mut partitions = Vec::new();
         for partition in reader.partitions()? {
             partitions.push((partition, reader.watermarks(partition)?));
         }
-        let consumer = cursor_consumer(&plan_kafka, &plan_topic)?;
         let starts: Vec<(i32, i64)> = partitions.iter().map(|(p, (low, _))| (*p, *low)).collect();
-        let cursors = read_cursors(&consumer, &plan_kafka, &plan_topic, &starts)?;
-        let mut letters = Vec::new();
+        let cursors = read_cursors(&plan_kafka, &plan_topic, &starts)?;
         let ranges: Vec<(i32, i64, i64)> = partitions
             .iter()
             .zip(&cursors)
             .map(|((p, (_, high)), cursor)| (*p, cursor.next, *high))
             .collect();
+        let mut letters = Vec::new();
         reader.read_ranges(&ranges, |record| {
             letters.push(DeadLetter::from_record(record));
             true
@@ -403,7 +493,6 @@ pub async fn redrive(
     })
     .await
     .map_err(|e| RecoverError::Task(e.to_string()))??;
-    let (mut cursors, letters) = plan;
 
     let mut summary = RedriveSummary {
         dlq_topic: dlq.clone(),
@@ -420,10 +509,11 @@ pub async fn redrive(
     let mut next_send = Instant::now();
     for letter in &letters {
         summary.examined += 1;
-        let Some((_, cursor)) = cursors.iter_mut().find(|(p, _)| *p == letter.partition) else {
+        let Some((partition, cursor)) = cursors.iter_mut().find(|(p, _)| *p == letter.partition)
+        else {
             continue;
         };
-        if cursor.beyond.contains(&letter.offset) {
+        if letter.offset < cursor.next || cursor.beyond.contains(&letter.offset) {
             summary.already_redriven += 1;
             continue;
         }
@@ -435,33 +525,26 @@ pub async fn redrive(
         summary
             .redriven_job_ids
             .push(letter.job_id.clone().unwrap_or_default());
-        let Some(producer) = &producer else {
+        let (Some(producer), Some(lease)) = (&producer, &lease) else {
             continue;
         };
         if let Some(pause) = pause {
             tokio::time::sleep_until(next_send.into()).await;
             next_send = next_send.max(Instant::now() - pause) + pause;
         }
-        // One at a time: the cursor moves only past copies that are durable.
+        // One at a time, and the cursor moves past each copy once it is
+        // durable.
         producer.send(&redrive_copy(letter, &dlq)).await?;
         cursor.redriven(letter.offset);
+        let (lease, partition, snapshot) = (lease.clone(), *partition, cursor.clone());
+        tokio::task::spawn_blocking(move || lease.commit(partition, &snapshot))
+            .await
+            .map_err(|e| RecoverError::Task(e.to_string()))??;
     }
-    if !dry_run {
-        if filter.is_empty() {
-            for letter in &letters {
-                if let Some((_, cursor)) = cursors.iter_mut().find(|(p, _)| *p == letter.partition)
-                {
-                    cursor.passed(letter.offset);
-                }
-            }
-        }
-        let (write_kafka, write_topic) = (kafka.clone(), dlq.clone());
-        tokio::task::spawn_blocking(move || {
-            let consumer = cursor_consumer(&write_kafka, &write_topic)?;
-            write_cursors(&consumer, &write_kafka, &write_topic, &cursors)
-        })
-        .await
-        .map_err(|e| RecoverError::Task(e.to_string()))??;
+    if let Some(lease) = lease {
+        tokio::task::spawn_blocking(move || drop(lease))
+            .await
+            .map_err(|e| RecoverError::Task(e.to_string()))?;
     }
     summary.elapsed_s = started.elapsed().as_secs_f64();
     Ok(summary)

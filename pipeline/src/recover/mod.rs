@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 use crate::envelope::Record;
-use crate::kafka::{from_kafka_headers, reader_config, REQUEST_TIMEOUT};
+use crate::kafka::{from_kafka_headers, reader_config, ReaderContext, REQUEST_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,6 +54,8 @@ pub enum RecoverError {
     Produce(#[from] crate::produce::ProduceError),
     #[error("a background task failed: {0}")]
     Task(String),
+    #[error("another redrive of {topic} is running ({holders}); wait for it to finish")]
+    RedriveRunning { topic: String, holders: String },
     #[error("the redrive cursor of {topic} partition {partition} cannot store {count} redriven offsets beyond its position; redrive without filters to advance it")]
     CursorFull {
         topic: String,
@@ -64,7 +66,7 @@ pub enum RecoverError {
 
 /// A reader of one topic that never joins a group.
 pub(crate) struct TopicReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReaderContext>,
     topic: String,
     brokers: String,
 }
@@ -72,7 +74,7 @@ pub(crate) struct TopicReader {
 impl TopicReader {
     pub(crate) fn new(kafka: &KafkaSettings, topic: &str) -> Result<Self, RecoverError> {
         let consumer = reader_config(kafka)
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(RecoverError::Client)?;
         Ok(TopicReader {
             consumer,

@@ -127,11 +127,18 @@ pub fn resolve(
         first = log_start;
     }
     let end = end.min(log_end);
+    if first >= log_end {
+        plan.note = Some(format!(
+            "start {first} is at or past the log end {log_end}: nothing to replay"
+        ));
+        return plan;
+    }
     if first >= end {
-        plan.start = first.min(log_end);
-        plan.end = plan.start;
-        plan.note
-            .get_or_insert_with(|| "the range is empty: nothing to replay".to_owned());
+        plan.start = first;
+        plan.end = first;
+        plan.note = Some(format!(
+            "the end {end} is at or before the start {first}: nothing to replay"
+        ));
         return plan;
     }
     plan.start = first;

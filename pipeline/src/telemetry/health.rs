@@ -31,7 +31,9 @@ impl Health {
         Health {
             last_poll_ms: AtomicI64::new(now_ms()),
             assigned: AtomicBool::new(false),
-            kafka_up: AtomicBool::new(true),
+            // Unknown until librdkafka's statistics or an assignment show a
+            // reachable broker.
+            kafka_up: AtomicBool::new(false),
             redis_up: AtomicBool::new(!dedupe),
             stall_after,
         }
@@ -89,8 +91,9 @@ mod tests {
     #[test]
     fn ready_needs_assignment_kafka_and_redis() {
         let health = Health::new(Duration::from_secs(60), true);
-        assert_eq!(health.ready().unwrap_err().len(), 2);
+        assert_eq!(health.ready().unwrap_err().len(), 3);
         health.set_assigned(true);
+        health.set_kafka_up(true);
         health.set_redis_up(true);
         assert!(health.ready().is_ok());
         health.set_kafka_up(false);
