@@ -101,10 +101,18 @@ async fn sigterm_drains_commits_and_exits_zero() {
         webhook.deliveries().len() >= 20
     })
     .await;
+    let signaled = std::time::Instant::now();
     worker.signal("TERM");
     let status = worker
         .wait(Duration::from_secs(30))
         .expect("worker exits after SIGTERM within the drain deadline");
+    // Kubernetes kills a pod after its grace period; the worker must be out
+    // by the drain deadline plus the time to commit and leave the group.
+    let took = signaled.elapsed();
+    assert!(
+        took < Duration::from_millis(settings.worker.drain_deadline_ms + 5_000),
+        "worker took {took:?} to stop"
+    );
     assert!(
         status.success(),
         "exit status {status}; log:\n{}",
@@ -372,4 +380,93 @@ async fn topics_ensure_creates_then_reports_mismatch() {
         .await
         .len();
     assert_eq!(partitions, 2, "ensure must not change an existing topic");
+}
+
+#[test]
+fn secrets_stay_out_of_logs_and_help() {
+    let dir = temp_dir();
+    let path = dir.join("secret.toml");
+    std::fs::write(
+        &path,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\nsecurity_protocol = \"sasl_plaintext\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"app\"\n\
+         [kafka.properties]\n\"ssl.key.password\" = \"pw-prop-7731\"\n\
+         [topic]\nname = \"jobs\"\n[dedupe]\nredis_url = \"redis://app:pw-url-7731@127.0.0.1:1\"\n\
+         [worker]\ngroup_id = \"g\"\n[handler]\nkind = \"noop\"\n[server]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let secrets = [
+        "pw-kafka-7731",
+        "pw-redis-7731",
+        "pw-url-7731",
+        "pw-prop-7731",
+        "secret-broker-7731",
+    ];
+    let run = |args: &[&str]| {
+        let output = Command::new(sluice_binary())
+            .args(args)
+            .env("SLUICE_KAFKA__SASL_PASSWORD", "pw-kafka-7731")
+            .env("SLUICE_DEDUPE__REDIS_PASSWORD", "pw-redis-7731")
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    let config = path.to_str().unwrap();
+    let mut outputs = vec![run(&["config", "check", "--config", config])];
+    for help in [
+        vec!["--help"],
+        vec!["work", "--help"],
+        vec!["produce", "--help"],
+        vec!["replay", "--help"],
+    ] {
+        let output = Command::new(sluice_binary())
+            .args(&help)
+            .env("SLUICE_KAFKA__BROKERS", "secret-broker-7731")
+            .env("SLUICE_CONFIG", config)
+            .output()
+            .unwrap();
+        outputs.push(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+
+    // A worker that cannot reach its brokers logs errors; none may carry a
+    // secret. It stops on SIGTERM after a few seconds of trying.
+    let mut worker = std::process::Command::new(sluice_binary())
+        .args(["work", "--config", config])
+        .env("SLUICE_KAFKA__SASL_PASSWORD", "pw-kafka-7731")
+        .env("SLUICE_DEDUPE__REDIS_PASSWORD", "pw-redis-7731")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(worker.id().to_string())
+        .status();
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = worker.kill();
+    let output = worker.wait_with_output().unwrap();
+    outputs.push(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ));
+
+    assert!(outputs[0].contains("valid"), "{}", outputs[0]);
+    assert!(
+        outputs.last().unwrap().len() > 100,
+        "the worker logged something"
+    );
+    for (index, text) in outputs.iter().enumerate() {
+        for secret in secrets {
+            assert!(
+                !text.contains(secret),
+                "output {index} contains {secret}:\n{text}"
+            );
+        }
+    }
 }
