@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 
 use crate::config::{ConfigError, KafkaSettings};
-use crate::envelope::HeaderList;
+use crate::envelope::{HeaderList, Record};
 
 /// librdkafka properties that sluice sets itself because its guarantees
 /// depend on them. Setting one under `kafka.properties` is a config error.
@@ -186,6 +186,19 @@ pub fn is_retryable(error: &KafkaError) -> bool {
             | C::UnknownTopic
             | C::InvalidTopic
     )
+}
+
+/// Copies a fetched message into an owned [`Record`].
+pub fn record_of<M: Message>(message: &M) -> Record {
+    Record {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers: from_kafka_headers(message.headers()),
+    }
 }
 
 /// Converts a sluice header list into librdkafka headers.

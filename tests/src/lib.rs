@@ -753,3 +753,26 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
         .and_then(|line| line[series.len()..].trim().parse().ok())
 }
+
+/// A worker running in this process with a [`Scripted`] handler.
+pub struct Running {
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<pipeline::telemetry::Summary>,
+}
+
+/// Starts an in-process worker; panics on invalid settings.
+pub fn start(settings: &PipelineSettings, handler: Scripted) -> Running {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = pipeline::Worker::new(settings.clone(), handler).expect("worker settings");
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move { worker.run(token).await.expect("worker run") });
+    Running { shutdown, task }
+}
+
+impl Running {
+    /// Stops the worker through its drain path and returns its summary.
+    pub async fn stop(self) -> pipeline::telemetry::Summary {
+        self.shutdown.cancel();
+        self.task.await.expect("worker task")
+    }
+}

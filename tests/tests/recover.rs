@@ -5,32 +5,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use pipeline::envelope::headers;
-use pipeline::Worker;
 use serde_json::{json, Value};
 use sluice_tests::*;
-use tokio_util::sync::CancellationToken;
 
 const HANG_GUARD: Duration = Duration::from_secs(90);
-
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<pipeline::telemetry::Summary>,
-}
-
-fn start(settings: &pipeline::config::PipelineSettings, handler: Scripted) -> Running {
-    let shutdown = CancellationToken::new();
-    let worker = Worker::new(settings.clone(), handler).expect("worker settings");
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move { worker.run(token).await.expect("worker run") });
-    Running { shutdown, task }
-}
-
-impl Running {
-    async fn stop(self) -> pipeline::telemetry::Summary {
-        self.shutdown.cancel();
-        self.task.await.expect("worker task")
-    }
-}
 
 fn sluice(args: &[&str]) -> Output {
     let brokers = brokers();

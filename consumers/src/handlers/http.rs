@@ -46,8 +46,8 @@ impl HttpPush {
             .header(CONTENT_TYPE, content_type(job.payload()))
             .header("Idempotency-Key", &job.id)
             .header("Sluice-Attempt", job.attempt.to_string());
-        // A `--dedupe bypass` replay runs a job again on purpose; this tells
-        // an endpoint that honors Idempotency-Key to accept the repeat.
+        // A `--dedupe bypass` replay runs a job again on purpose. With this
+        // header an endpoint that honors Idempotency-Key can accept the repeat.
         if let Some(generation) = &job.lineage.replay_generation {
             request = request.header("Sluice-Replay-Generation", generation.as_str());
         }

@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::admin::AdminError;
 use crate::config::KafkaSettings;
 use crate::envelope::Record;
-use crate::kafka::{from_kafka_headers, reader_config, ReaderContext, REQUEST_TIMEOUT};
+use crate::kafka::{reader_config, record_of, ReaderContext, REQUEST_TIMEOUT};
 
 /// Reads every record of `topic` from the log start up to the log end seen
 /// when the call starts. Blocking; call it from `spawn_blocking` in async
@@ -92,15 +92,7 @@ pub fn read_topic(
             .find(|(p, _)| *p == message.partition())
             .map(|(_, h)| *h);
         if end.is_some_and(|end| message.offset() < end) {
-            records.push(Record {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-                timestamp_ms: message.timestamp().to_millis(),
-                key: message.key().map(<[u8]>::to_vec),
-                value: message.payload().map(<[u8]>::to_vec),
-                headers: from_kafka_headers(message.headers()),
-            });
+            records.push(record_of(&message));
         }
         if end.is_some_and(|end| message.offset() + 1 >= end)
             && !finished.contains(&message.partition())

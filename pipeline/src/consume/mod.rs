@@ -2,9 +2,9 @@
 //! is terminal.
 //!
 //! ```text
-//!  poll thread (owns the consumer)             lane tasks (Tokio)
-//!  ─────────────────────────────              ──────────────────
-//!  poll ─► admit record ─► key lane ─spawn─►  claim ─► handler ─► done / copy
+//!  poll thread (owns the consumer)             worker pool (Tokio tasks)
+//!  ─────────────────────────────              ─────────────────────────
+//!  poll ─► admit record ─► key lane ─ready─►  claim ─► handler ─► done / copy
 //!   │       (track offset, maybe pause)            │
 //!   │                                              ▼
 //!   ├─ housekeeping: resume due tier partitions,  mark offset terminal
@@ -16,8 +16,9 @@
 //!
 //! The consumer lives on a dedicated thread because librdkafka runs rebalance
 //! callbacks inside `poll`, and the revoke callback must block until running
-//! jobs finish. Blocking a Tokio worker there could stall the very tasks it
-//! waits for.
+//! jobs finish. Blocking a Tokio worker thread there could stall the very
+//! tasks it waits for. The pool has `worker.max_in_flight` tasks, which take
+//! ready lanes first in, first out.
 
 mod job;
 mod poll;
@@ -135,12 +136,12 @@ impl<H: Handler> Worker<H> {
         })
     }
 
-    /// The worker's metrics, to serve while it runs.
+    /// Returns the worker's metrics, to serve while it runs.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }
 
-    /// The worker's liveness and readiness, to serve while it runs.
+    /// Returns the worker's liveness and readiness, to serve while it runs.
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
     }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -14,13 +13,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::consume::state::{Effect, TopicPartition};
 use crate::consume::Shared;
-use crate::envelope::Record;
 use crate::handler::Handler;
-use crate::kafka::from_kafka_headers;
+use crate::kafka::record_of;
 use crate::telemetry::metrics::{KindLabels, PartitionLabels, PauseLabels};
 use crate::telemetry::Counters;
 
-/// Longest time between two rounds of housekeeping (due tier partitions,
+/// Maximum time between two rounds of housekeeping (due tier partitions,
 /// backpressure). It bounds how late a retry tier fires after its due time.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -150,15 +148,7 @@ pub(crate) fn run<H: Handler>(
         shared.health.polled();
         match consumer.poll(HOUSEKEEPING_INTERVAL) {
             Some(Ok(message)) => {
-                let record = Record {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    timestamp_ms: message.timestamp().to_millis(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    value: message.payload().map(<[u8]>::to_vec),
-                    headers: from_kafka_headers(message.headers()),
-                };
+                let record = record_of(&message);
                 drop(message);
                 shared
                     .lock()

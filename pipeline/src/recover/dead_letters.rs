@@ -305,7 +305,7 @@ struct CursorLease {
 }
 
 impl CursorLease {
-    /// Joins the cursor group after checking that nobody else holds it.
+    /// Joins the cursor group after checking that it has no other member.
     /// Blocking.
     fn acquire(kafka: &KafkaSettings, dlq_topic: &str) -> Result<CursorLease, RecoverError> {
         let group = cursor_group(dlq_topic);

@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
 use crate::envelope::Record;
-use crate::kafka::{from_kafka_headers, reader_config, ReaderContext, REQUEST_TIMEOUT};
+use crate::kafka::{reader_config, record_of, ReaderContext, REQUEST_TIMEOUT};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -221,15 +221,7 @@ impl TopicReader {
                 open.retain(|(p, _)| *p != partition);
                 continue;
             }
-            let record = Record {
-                topic: message.topic().to_owned(),
-                partition,
-                offset: message.offset(),
-                timestamp_ms: message.timestamp().to_millis(),
-                key: message.key().map(<[u8]>::to_vec),
-                value: message.payload().map(<[u8]>::to_vec),
-                headers: from_kafka_headers(message.headers()),
-            };
+            let record = record_of(&message);
             let last = record.offset + 1 >= end;
             if !visit(record) {
                 return Ok(());

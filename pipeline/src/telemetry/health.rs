@@ -26,7 +26,7 @@ fn now_ms() -> i64 {
 }
 
 impl Health {
-    /// `dedupe` says whether Redis matters for readiness.
+    /// With `dedupe`, readiness also requires a reachable Redis.
     pub fn new(stall_after: Duration, dedupe: bool) -> Self {
         Health {
             last_poll_ms: AtomicI64::new(now_ms()),
