@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEFAULT_INPUT := ../shared/data/gharchive-min-2019-09-26-h00/events.ndjson
 INPUT ?= $(wildcard $(DEFAULT_INPUT))
 
-.PHONY: test demo stack-up stack-down stack-status lint unit deploy-check
+.PHONY: test demo stack-up stack-down stack-status lint unit deploy-check bench
 
 stack-up:
 	bash deploy/local/stack.sh up
@@ -31,6 +31,11 @@ deploy-check:
 # The integration tests run the real `sluice` binary, so it is built first.
 test: stack-up lint deploy-check
 	$(CARGO) test --workspace
+
+# Benchmark against raw rdkafka; writes target/bench/summary.json.
+bench: stack-up
+	$(CARGO) build --release --bins
+	target/release/sluice-bench --sluice target/release/sluice $(if $(INPUT),--input "$(INPUT)",)
 
 demo: stack-up
 	@if [ -z "$(INPUT)" ]; then \

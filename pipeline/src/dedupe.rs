@@ -35,20 +35,6 @@ const QUEUE_CAPACITY: usize = 4096;
 /// Value of a done marker. Claims hold a member token instead.
 const DONE: &str = "done";
 
-/// Claims the key when it is absent (or already ours). Returns `{1}` when
-/// claimed, `{2}` when done, `{3, pttl}` when another member holds it.
-const CLAIM_SCRIPT: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if not current or current == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {1, 0}
-end
-if current == 'done' then
-  return {2, 0}
-end
-return {3, redis.call('PTTL', KEYS[1])}
-"#;
-
 /// Deletes the key only while it still holds our claim token.
 const RELEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -154,7 +140,6 @@ impl Dedupe {
         let (requests, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let batcher = Batcher {
             connection,
-            claim: Script::new(CLAIM_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             lease_ms: settings.lease_ms,
             done_ttl_ms: settings.done_ttl_ms,
@@ -238,7 +223,6 @@ fn stopped() -> DedupeError {
 struct Batcher {
     connection: ConnectionManager,
     health: Arc<Health>,
-    claim: Script,
     release: Script,
     lease_ms: u64,
     done_ttl_ms: u64,
@@ -305,6 +289,11 @@ impl Batcher {
                 result = self.send(batch).await;
             }
         }
+        if let Ok(values) = &mut result {
+            if let Err(error) = self.resolve_conflicts(batch, values).await {
+                result = Err(error);
+            }
+        }
         match result {
             Ok(values) => values.into_iter().map(Ok).collect(),
             Err(error) => {
@@ -319,11 +308,13 @@ impl Batcher {
         for request in batch {
             match request {
                 Request::Claim { key, token, .. } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(self.claim.get_hash())
-                        .arg(1)
+                    // The common case, a job nobody claimed, is one plain
+                    // SET; conflicts are resolved by `resolve_conflicts`.
+                    pipe.cmd("SET")
                         .arg(key)
                         .arg(token)
+                        .arg("NX")
+                        .arg("PX")
                         .arg(self.lease_ms);
                 }
                 Request::Done { key, .. } => {
@@ -347,9 +338,52 @@ impl Batcher {
 
     async fn load_scripts(&mut self) -> redis::RedisResult<Vec<Value>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(CLAIM_SCRIPT);
         pipe.cmd("SCRIPT").arg("LOAD").arg(RELEASE_SCRIPT);
         pipe.query_async(&mut self.connection).await
+    }
+
+    /// Turns the replies to claims into `{1}` (claimed), `{2}` (done) or
+    /// `{3, pttl}` (held by another member). A claim whose `SET NX` found
+    /// the key needs one more round trip, for all such claims together, to
+    /// read what is there.
+    async fn resolve_conflicts(
+        &mut self,
+        batch: &[Request],
+        values: &mut [Value],
+    ) -> redis::RedisResult<()> {
+        let mut conflicts = Vec::new();
+        for (index, (request, value)) in batch.iter().zip(values.iter_mut()).enumerate() {
+            if let Request::Claim { key, .. } = request {
+                match value {
+                    Value::Nil => conflicts.push((index, key)),
+                    _ => *value = Value::Array(vec![Value::Int(1), Value::Int(0)]),
+                }
+            }
+        }
+        if conflicts.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (_, key) in &conflicts {
+            pipe.cmd("GET").arg(*key);
+            pipe.cmd("PTTL").arg(*key);
+        }
+        let found: Vec<Value> = pipe.query_async(&mut self.connection).await?;
+        for ((index, _), pair) in conflicts.iter().zip(found.chunks(2)) {
+            let done = matches!(&pair[0], Value::BulkString(bytes) if bytes == DONE.as_bytes());
+            let pttl = match pair.get(1) {
+                Some(Value::Int(pttl)) => *pttl,
+                _ => 0,
+            };
+            // A key gone since the SET NX reads as busy for a moment; the
+            // claim is retried shortly.
+            values[*index] = if done {
+                Value::Array(vec![Value::Int(2), Value::Int(0)])
+            } else {
+                Value::Array(vec![Value::Int(3), Value::Int(pttl)])
+            };
+        }
+        Ok(())
     }
 }
 

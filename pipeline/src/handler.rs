@@ -49,3 +49,11 @@ impl HandlerError {
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, job: &Job) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
+
+/// A shared handler, for example one whose counters a test or a benchmark
+/// reads while the worker runs.
+impl<H: Handler> Handler for std::sync::Arc<H> {
+    fn handle(&self, job: &Job) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        H::handle(self, job)
+    }
+}

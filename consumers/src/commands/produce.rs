@@ -10,18 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipeline::config::KafkaSettings;
+use pipeline::produce::bulk::BulkProducer;
 use pipeline::produce::ndjson::{parse_line, LineError, LineRules};
-use pipeline::produce::{JobProducer, ProduceError};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use std::io::{BufRead, BufReader};
 
 use crate::settings::ServiceSettings;
 
-/// Records waiting for a delivery report before reading pauses.
-const MAX_PENDING_DELIVERIES: usize = 100_000;
 /// Bad lines listed by number in the summary.
 const MAX_BAD_LINES_LISTED: usize = 100;
 
@@ -94,7 +91,6 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     if let Some(brokers) = &args.brokers {
         kafka.brokers = brokers.clone();
     }
-    let producer = JobProducer::new(&kafka)?;
 
     // Fail fast with a clear message instead of retrying deliveries to a
     // missing topic or an unreachable cluster until they time out.
@@ -106,13 +102,36 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     .context("topic check failed")?
     .with_context(|| format!("cannot produce to {} at {}", args.topic, kafka.brokers))?;
 
-    let input: Box<dyn AsyncRead + Unpin + Send> = if args.input == "-" {
-        Box::new(tokio::io::stdin())
+    // Reading and sending block, so they run on a blocking thread.
+    let json = args.json;
+    let topic = args.topic.clone();
+    let (summary, outcome) = tokio::task::spawn_blocking(move || produce_blocking(&args, &kafka))
+        .await
+        .context("the produce task failed")??;
+    print_summary(&summary, json);
+    outcome?;
+    if summary.failed > 0 {
+        bail!(
+            "{} record(s) were not delivered to {topic}; see the errors above",
+            summary.failed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads, sends and flushes. Returns the summary, and separately the error
+/// that stopped reading, so the summary is printed either way.
+fn produce_blocking(
+    args: &ProduceArgs,
+    kafka: &KafkaSettings,
+) -> anyhow::Result<(Summary, anyhow::Result<()>)> {
+    let producer = BulkProducer::new(kafka)?;
+    let input: Box<dyn BufRead> = if args.input == "-" {
+        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock()))
     } else {
-        let file = tokio::fs::File::open(&args.input)
-            .await
+        let file = std::fs::File::open(&args.input)
             .with_context(|| format!("failed to open --input {:?}", args.input))?;
-        Box::new(file)
+        Box::new(BufReader::with_capacity(1 << 20, file))
     };
     let rules = LineRules {
         key_field: args.key_field.clone(),
@@ -124,63 +143,48 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         topic: args.topic.clone(),
         ..Summary::default()
     };
-    let outcome = produce_lines(input, &producer, &args, &rules, &mut summary, &progress).await;
+    let outcome = send_lines(input, &producer, args, &rules, &mut summary, &progress);
 
     // Flush even after a failure so that everything read so far is durable
     // or counted as failed.
-    let flush = producer.clone();
-    tokio::task::spawn_blocking(move || flush.flush(Duration::from_secs(60)))
-        .await
-        .context("flush task failed")??;
+    let totals = producer.flush(Duration::from_secs(60))?;
     progress.finish_and_clear();
+    summary.produced = totals.delivered;
+    summary.failed = totals.failed;
+    if let Some((line, error)) = totals.first_failure {
+        eprintln!("line {line}: delivery failed: {error}");
+    }
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.records_per_s = summary.produced as f64 / summary.elapsed_s.max(1e-9);
-    print_summary(&summary, args.json);
-    outcome?;
-    if summary.failed > 0 {
-        bail!(
-            "{} record(s) were not delivered to {}; see the errors above",
-            summary.failed,
-            args.topic
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok((summary, outcome))
 }
 
-async fn produce_lines(
-    input: Box<dyn AsyncRead + Unpin + Send>,
-    producer: &JobProducer,
+fn send_lines(
+    mut input: Box<dyn BufRead>,
+    producer: &BulkProducer,
     args: &ProduceArgs,
     rules: &LineRules,
     summary: &mut Summary,
     progress: &ProgressBar,
 ) -> anyhow::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 20, input);
     let mut line = Vec::with_capacity(512);
     let mut line_number = 0u64;
-    let mut pending = FuturesUnordered::new();
-    let mut first_error: Option<ProduceError> = None;
-
     loop {
         line.clear();
-        let read = reader.read_until(b'\n', &mut line).await.with_context(|| {
+        let read = input.read_until(b'\n', &mut line).with_context(|| {
             format!(
                 "failed to read --input {:?} after line {line_number}",
                 args.input
             )
         })?;
         if read == 0 {
-            break;
+            return Ok(());
         }
         line_number += 1;
         let content = line.strip_suffix(b"\n").unwrap_or(&line);
-        let parsed = parse_line(&args.topic, line_number, content, rules);
-        let bad = match parsed {
-            Ok(Some(record)) => match producer.enqueue(&record).await {
-                Ok(delivery) => {
-                    pending.push(delivery.wait());
-                    None
-                }
+        let bad = match parse_line(&args.topic, line_number, content, rules) {
+            Ok(Some(record)) => match producer.send(&record, line_number) {
+                Ok(()) => None,
                 Err(error) if !error.is_retryable() => Some(LineError {
                     line: line_number,
                     reason: format!(
@@ -198,7 +202,6 @@ async fn produce_lines(
         if let Some(error) = bad {
             match args.on_bad_line {
                 OnBadLine::Fail => {
-                    drain(&mut pending, summary, &mut first_error).await;
                     bail!("{error}; fix the line or pass --on-bad-line skip to skip bad lines");
                 }
                 OnBadLine::Skip => {
@@ -210,44 +213,8 @@ async fn produce_lines(
                 }
             }
         }
-        if pending.len() >= MAX_PENDING_DELIVERIES {
-            if let Some(result) = pending.next().await {
-                count(result, summary, &mut first_error);
-            }
-        }
         if line_number % 1000 == 0 {
             progress.set_position(line_number);
-        }
-    }
-    drain(&mut pending, summary, &mut first_error).await;
-    if let Some(error) = first_error {
-        eprintln!("first delivery error: {error}");
-    }
-    Ok(())
-}
-
-async fn drain<F>(
-    pending: &mut FuturesUnordered<F>,
-    summary: &mut Summary,
-    first_error: &mut Option<ProduceError>,
-) where
-    F: std::future::Future<Output = Result<pipeline::produce::Delivered, ProduceError>>,
-{
-    while let Some(result) = pending.next().await {
-        count(result, summary, first_error);
-    }
-}
-
-fn count(
-    result: Result<pipeline::produce::Delivered, ProduceError>,
-    summary: &mut Summary,
-    first_error: &mut Option<ProduceError>,
-) {
-    match result {
-        Ok(_) => summary.produced += 1,
-        Err(error) => {
-            summary.failed += 1;
-            first_error.get_or_insert(error);
         }
     }
 }

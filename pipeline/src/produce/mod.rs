@@ -5,6 +5,7 @@
 //! `acks=all`, and a send completes only when the broker's delivery report
 //! arrived, so a successful send means the record is durable.
 
+pub mod bulk;
 pub mod ndjson;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ use crate::envelope::{headers, HeaderList};
 use crate::kafka::{producer_config, to_kafka_headers};
 use crate::telemetry::trace;
 
-fn job_id(headers: &HeaderList) -> Option<&str> {
+pub(crate) fn job_id(headers: &HeaderList) -> Option<&str> {
     headers
         .iter()
         .find(|(name, _)| name == headers::JOB_ID)
