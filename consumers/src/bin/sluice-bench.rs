@@ -32,6 +32,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+/// `worker.max_in_flight` of every worker in the benchmark.
+const BENCH_IN_FLIGHT: usize = 256;
+
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark sluice against raw rdkafka producers and consumers")]
 struct Args {
@@ -295,7 +298,10 @@ fn worker_settings(
         },
         worker: WorkerSettings {
             group_id: group.to_owned(),
-            max_in_flight: 64,
+            // With dedupe, each job waits for two Redis round trips, so
+            // throughput is about max_in_flight / (2 x round trip); 256
+            // keeps the pipeline full on this machine.
+            max_in_flight: BENCH_IN_FLIGHT,
             max_pending_per_partition: 2_000,
             handler_timeout_ms: 10_000,
             drain_deadline_ms: 10_000,
@@ -421,7 +427,7 @@ async fn pickup(args: &Args, input: &Input, rate: f64, seconds: u64) -> anyhow::
         .as_ref()
         .map(|s| s.lock().unwrap().clone())
         .unwrap_or_default();
-    let delivered = delivered.lock().unwrap();
+    let delivered = delivered.lock().unwrap().clone();
     let mut latencies: Vec<f64> = starts
         .iter()
         .filter_map(|(id, start)| {
@@ -503,7 +509,7 @@ async fn memory(args: &Args, input: &Input, jobs: usize) -> anyhow::Result<(f64,
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbrokers = \"{}\"\n[topic]\nname = \"{topic}\"\n[retry]\ntiers = []\n[dedupe]\nredis_url = \"{}\"\nkey_prefix = \"bench\"\ndone_ttl_ms = 600000\n[worker]\ngroup_id = \"{group}\"\n[handler]\nkind = \"noop\"\n[server]\nlisten = \"127.0.0.1:0\"\n",
+            "[kafka]\nbrokers = \"{}\"\n[topic]\nname = \"{topic}\"\n[retry]\ntiers = []\n[dedupe]\nredis_url = \"{}\"\nkey_prefix = \"bench\"\ndone_ttl_ms = 600000\n[worker]\ngroup_id = \"{group}\"\nmax_in_flight = {BENCH_IN_FLIGHT}\n[handler]\nkind = \"noop\"\n[server]\nlisten = \"127.0.0.1:0\"\n",
             args.brokers, args.redis
         ),
     )?;

@@ -16,6 +16,9 @@ pub struct OffsetTracker {
     next_after_tracked: Option<i64>,
     /// Highest offset handed to Kafka as committed.
     committed: Option<i64>,
+    /// Tracked offsets not yet terminal, kept as a count because the poll
+    /// thread asks for it on every fetched record.
+    open: usize,
 }
 
 impl OffsetTracker {
@@ -32,6 +35,7 @@ impl OffsetTracker {
         }
         self.pending.push_back((offset, false));
         self.next_after_tracked = Some(offset + 1);
+        self.open += 1;
         true
     }
 
@@ -40,7 +44,10 @@ impl OffsetTracker {
     pub fn complete(&mut self, offset: i64) -> bool {
         match self.pending.binary_search_by_key(&offset, |(o, _)| *o) {
             Ok(index) => {
-                self.pending[index].1 = true;
+                if !self.pending[index].1 {
+                    self.pending[index].1 = true;
+                    self.open -= 1;
+                }
                 true
             }
             Err(_) => false,
@@ -87,7 +94,7 @@ impl OffsetTracker {
 
     /// Offsets fetched and not yet terminal.
     pub fn in_progress(&self) -> usize {
-        self.pending.iter().filter(|(_, done)| !done).count()
+        self.open
     }
 
     pub fn last_committed(&self) -> Option<i64> {
@@ -124,6 +131,12 @@ mod tests {
         tracker.track(3);
         tracker.track(7);
         tracker.complete(7);
+        tracker.complete(7);
+        assert_eq!(
+            tracker.in_progress(),
+            1,
+            "a repeated completion counts once"
+        );
         assert_eq!(tracker.committable(), Some(3));
         tracker.complete(3);
         assert_eq!(tracker.committable(), Some(8));
