@@ -8,10 +8,12 @@
 //!
 //! A lane with records is either in the ready queue or busy with one worker,
 //! never both, so the records of one key run one at a time and in order.
-//! The ready queue is first in, first out: records start roughly in offset
-//! order, which keeps the committable prefix moving.
+//! The ready queue hands out the lane whose next record was fetched first,
+//! so records start in fetch order even when a key has many of them, which
+//! keeps the committable prefix moving.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -24,7 +26,7 @@ pub type TopicPartition = (String, i32);
 
 /// Records with the same key run one after the other, in offset order.
 /// Records without a key promise no order, so each gets a lane of its own.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LaneKey {
     Key(Vec<u8>),
     Unkeyed(i64),
@@ -82,10 +84,42 @@ pub struct TaskDone {
     pub offset: i64,
 }
 
+/// Lanes whose next record may start, the one fetched first on top.
+#[derive(Debug, Default)]
+struct ReadyQueue {
+    /// (fetch sequence of the lane's next record, partition, lane, epoch)
+    heap: BinaryHeap<Reverse<(u64, TopicPartition, LaneKey, u64)>>,
+    next_seq: u64,
+}
+
+impl ReadyQueue {
+    /// Returns the next fetch sequence number.
+    fn stamp(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn push(&mut self, seq: u64, partition: TopicPartition, lane: LaneKey, epoch: u64) {
+        self.heap.push(Reverse((seq, partition, lane, epoch)));
+    }
+
+    fn pop(&mut self) -> Option<(TopicPartition, LaneKey, u64)> {
+        self.heap
+            .pop()
+            .map(|Reverse((_, partition, lane, epoch))| (partition, lane, epoch))
+    }
+
+    fn retain(&mut self, keep: impl Fn(&TopicPartition) -> bool) {
+        self.heap
+            .retain(|Reverse((_, partition, _, _))| keep(partition));
+    }
+}
+
 /// Records of one key, waiting or running.
 #[derive(Debug)]
 struct Lane {
-    queue: VecDeque<Record>,
+    /// Records with the fetch sequence number they were admitted with.
+    queue: VecDeque<(u64, Record)>,
     /// A worker runs a record of this lane now.
     busy: bool,
 }
@@ -143,8 +177,7 @@ pub struct Released {
 #[derive(Debug)]
 pub struct State {
     partitions: HashMap<TopicPartition, PartitionState>,
-    /// Lanes whose next record may start, oldest first.
-    ready: VecDeque<(TopicPartition, LaneKey, u64)>,
+    ready: ReadyQueue,
     next_epoch: u64,
     max_pending: usize,
 }
@@ -166,7 +199,7 @@ impl State {
     pub fn new(max_pending: usize) -> Self {
         State {
             partitions: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: ReadyQueue::default(),
             next_epoch: 1,
             max_pending,
         }
@@ -225,7 +258,7 @@ impl State {
         record: Record,
         now: Instant,
         now_ms: i64,
-        ready: &mut VecDeque<(TopicPartition, LaneKey, u64)>,
+        ready: &mut ReadyQueue,
         effects: &mut Vec<Effect>,
     ) {
         if let Some(delay) = &mut state.delay {
@@ -243,15 +276,16 @@ impl State {
             }
         }
         let key = LaneKey::of(&record);
+        let seq = ready.stamp();
         match state.lanes.get_mut(&key) {
-            Some(lane) => lane.queue.push_back(record),
+            Some(lane) => lane.queue.push_back((seq, record)),
             None => {
                 let lane = Lane {
-                    queue: VecDeque::from([record]),
+                    queue: VecDeque::from([(seq, record)]),
                     busy: false,
                 };
                 state.lanes.insert(key.clone(), lane);
-                ready.push_back((partition.clone(), key, state.epoch));
+                ready.push(seq, partition.clone(), key, state.epoch);
                 effects.push(Effect::Ready);
             }
         }
@@ -260,7 +294,7 @@ impl State {
     /// Takes the next record of the oldest ready lane and marks the lane
     /// busy. Returns `None` when no lane is ready.
     pub fn next_task(&mut self) -> Option<Task> {
-        while let Some((partition, key, epoch)) = self.ready.pop_front() {
+        while let Some((partition, key, epoch)) = self.ready.pop() {
             // Entries of a revoked assignment are stale; skip them.
             let Some(state) = self
                 .partitions
@@ -272,7 +306,7 @@ impl State {
             let Some(lane) = state.lanes.get_mut(&key) else {
                 continue;
             };
-            let Some(record) = lane.queue.pop_front() else {
+            let Some((_, record)) = lane.queue.pop_front() else {
                 state.lanes.remove(&key);
                 continue;
             };
@@ -311,8 +345,13 @@ impl State {
             state.lanes.remove(&task.lane);
             return false;
         }
-        self.ready
-            .push_back((task.partition.clone(), task.lane.clone(), task.epoch));
+        let next_seq = lane.queue.front().map_or(0, |(seq, _)| *seq);
+        self.ready.push(
+            next_seq,
+            task.partition.clone(),
+            task.lane.clone(),
+            task.epoch,
+        );
         true
     }
 
@@ -367,7 +406,7 @@ impl State {
             }
         }
         self.ready
-            .retain(|(partition, _, _)| !partitions.contains(partition));
+            .retain(|partition| !partitions.contains(partition));
     }
 
     /// Lanes of `partitions` with a record running now.
@@ -509,6 +548,29 @@ mod tests {
     }
 
     #[test]
+    fn busy_key_keeps_its_place_in_fetch_order() {
+        let mut state = State::new(100);
+        state.assign(("main".to_owned(), 0), false);
+        let now = Instant::now();
+        let mut effects = Vec::new();
+        state.admit(record("main", 0, Some("hot"), None), now, 0, &mut effects);
+        state.admit(record("main", 1, Some("hot"), None), now, 0, &mut effects);
+        for offset in 2..20 {
+            let key = format!("k{offset}");
+            state.admit(
+                record("main", offset, Some(&key), None),
+                now,
+                0,
+                &mut effects,
+            );
+        }
+        let first = state.next_task().unwrap().into_parts().2;
+        state.finish_task(&first, true);
+        // Offset 1 of the busy key was fetched before offsets 2 to 19.
+        assert_eq!(state.next_task().unwrap().record.offset, 1);
+    }
+
+    #[test]
     fn tier_record_not_due_pauses_until_due() {
         let mut state = State::new(100);
         let partition = ("main.retry-30s".to_owned(), 0);
@@ -581,12 +643,15 @@ mod tests {
             state.admit(r, now, 0, &mut effects);
         }
         let first = state.next_task().unwrap().into_parts().2;
-        assert!(state.finish_task(&first, true), "lane k goes to the back");
+        assert!(state.finish_task(&first, true), "lane k has more");
+        let (record, cancel, running) = state.next_task().unwrap().into_parts();
+        assert_eq!(
+            record.offset, 11,
+            "fetched before offset 13 of the other key"
+        );
         let other = state.next_task().unwrap().into_parts().2;
         assert_eq!(other.offset, 13);
         assert!(!state.finish_task(&other, true));
-        let (record, cancel, running) = state.next_task().unwrap().into_parts();
-        assert_eq!(record.offset, 11);
 
         state.revoke(std::slice::from_ref(&partition));
         assert!(cancel.is_cancelled());
