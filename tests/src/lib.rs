@@ -38,7 +38,7 @@ pub fn kafka() -> KafkaSettings {
     }
 }
 
-/// A name no other test uses: `<prefix>-<random>`.
+/// Returns a name no other test uses: `<prefix>-<random>`.
 pub fn unique(prefix: &str) -> String {
     format!(
         "t-{prefix}-{}",
@@ -154,7 +154,7 @@ impl Drop for Topics {
     }
 }
 
-/// A JSON job with a key and a job id header.
+/// Builds a JSON job with a key and a job id header.
 pub fn job(topic: &str, id: &str, key: &str, body: serde_json::Value) -> OutgoingRecord {
     OutgoingRecord::job(
         topic,
@@ -176,15 +176,13 @@ pub async fn produce(records: &[OutgoingRecord]) {
     }
 }
 
-/// Every record of `topic`.
+/// Reads every record of `topic`.
 pub async fn read_all(topic: &str) -> Vec<Record> {
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        pipeline::admin::read::read_topic(&kafka(), &topic, Duration::from_secs(60))
-    })
-    .await
-    .expect("join")
-    .expect("read topic")
+    tokio::task::spawn_blocking(move || pipeline::admin::read::read_topic(&kafka(), &topic))
+        .await
+        .expect("join")
+        .expect("read topic")
 }
 
 pub async fn offsets(group: &str, topic: &str) -> Vec<PartitionOffsets> {
@@ -315,7 +313,8 @@ impl Handler for Scripted {
     }
 }
 
-/// The `sluice` binary next to the test executable (`make test` builds it).
+/// Returns the `sluice` binary next to the test executable (`make test`
+/// builds it).
 pub fn sluice_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
@@ -393,7 +392,7 @@ pub struct WorkerProcess {
     pub log: PathBuf,
 }
 
-/// The `server.listen` address written into a settings file.
+/// Returns the `server.listen` address written into a settings file.
 pub fn server_address(config: &Path) -> String {
     let text = std::fs::read_to_string(config).expect("read config");
     let line = text
@@ -534,7 +533,7 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// A TCP port that was free a moment ago.
+/// Returns a TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

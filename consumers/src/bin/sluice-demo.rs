@@ -328,10 +328,8 @@ async fn main() -> anyhow::Result<()> {
     let dlq_topic = settings.topic.dlq_topic();
     let dlq_kafka = kafka.clone();
     let dlq_name = dlq_topic.clone();
-    let dead_letters = tokio::task::spawn_blocking(move || {
-        read_topic(&dlq_kafka, &dlq_name, Duration::from_secs(120))
-    })
-    .await??;
+    let dead_letters =
+        tokio::task::spawn_blocking(move || read_topic(&dlq_kafka, &dlq_name)).await??;
     let mut dlq_ids = HashSet::new();
     let mut dlq_classes: HashMap<String, u64> = HashMap::new();
     for record in &dead_letters {
