@@ -207,7 +207,7 @@ impl Default for RetrySettings {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisUnavailable {
-    /// Stop handling and commit nothing until Redis answers again.
+    /// Stop handling and commit nothing until Redis responds again.
     Pause,
     /// Run jobs without a claim. Duplicates become possible; an operator
     /// chooses this only when availability matters more than idempotency.

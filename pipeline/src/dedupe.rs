@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use crate::config::{redact_url, DedupeSettings};
 use crate::telemetry::health::Health;
 
-/// How often an idle worker checks that Redis answers.
+/// How often an idle worker checks that Redis responds.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// Most requests sent in one pipeline.
 const MAX_BATCH: usize = 512;
@@ -35,7 +35,7 @@ const QUEUE_CAPACITY: usize = 4096;
 /// Value of a done marker. Claims hold a member token instead.
 const DONE: &str = "done";
 
-/// Deletes the key only while it still holds our claim token.
+/// Deletes the key only while it still contains our claim token.
 const RELEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -108,7 +108,7 @@ impl Dedupe {
     ///
     /// Must be called inside a Tokio runtime, which runs the batching task.
     ///
-    /// `health` learns whether Redis answers; an idle worker pings Redis
+    /// `health` records whether Redis responds; an idle worker pings Redis
     /// every [`PING_INTERVAL`] so that readiness stays current.
     pub fn connect(
         settings: &DedupeSettings,
@@ -154,7 +154,7 @@ impl Dedupe {
         })
     }
 
-    /// The Redis key of a job id.
+    /// Returns the Redis key of a job id.
     pub fn key(&self, job_id: &str) -> String {
         format!("{}{job_id}", self.key_base)
     }
@@ -264,7 +264,7 @@ impl Batcher {
     }
 
     /// Logs one line per change between reachable and unreachable, however
-    /// many jobs wait, and tells readiness. Returns the new state.
+    /// many jobs wait, and updates readiness. Returns the new state.
     fn note_state(&self, before: Option<bool>, outcome: Result<(), String>) -> bool {
         let now = outcome.is_ok();
         self.health.set_redis_up(now);
@@ -308,7 +308,7 @@ impl Batcher {
         for request in batch {
             match request {
                 Request::Claim { key, token, .. } => {
-                    // The common case, a job nobody claimed, is one plain
+                    // The common case, a job no member claimed, is one plain
                     // SET; conflicts are resolved by `resolve_conflicts`.
                     pipe.cmd("SET")
                         .arg(key)

@@ -19,7 +19,8 @@ pub struct HandlerError {
 }
 
 impl HandlerError {
-    /// A failure that may pass on a later attempt; the job walks the tiers.
+    /// Builds a failure that may pass on a later attempt, so the job walks
+    /// the tiers.
     pub fn retryable(class: &'static str, message: impl Into<String>) -> Self {
         HandlerError {
             kind: FailureKind::Retryable,
@@ -28,7 +29,8 @@ impl HandlerError {
         }
     }
 
-    /// A failure that no retry can fix; the job goes to the dead-letter topic.
+    /// Builds a failure that no retry can fix, so the job goes to the
+    /// dead-letter topic.
     pub fn permanent(class: &'static str, message: impl Into<String>) -> Self {
         HandlerError {
             kind: FailureKind::Permanent,

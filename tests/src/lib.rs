@@ -486,7 +486,8 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Starts the server (again) on the same port and waits until it answers.
+    /// Starts the server (again) on the same port and waits until it accepts
+    /// connections.
     pub fn resume(&mut self) {
         let child = Command::new("redis-server")
             .args([
@@ -614,7 +615,7 @@ impl Webhook {
         self.deliveries.lock().unwrap().clone()
     }
 
-    /// Job ids answered 2xx, with how often.
+    /// Returns the job ids that got a 2xx response, with their counts.
     pub fn delivered(&self) -> HashMap<String, usize> {
         let mut out = HashMap::new();
         for d in self.deliveries().into_iter().filter(|d| d.status < 300) {

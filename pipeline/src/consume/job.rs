@@ -73,7 +73,7 @@ pub(crate) enum Finish {
     Abandoned,
 }
 
-/// One worker of the pool: takes the oldest ready record, runs it to a
+/// Runs one worker of the pool: takes the oldest ready record, runs it to a
 /// terminal state (or gives it up), reports it, and repeats until `stop`.
 /// The pool size is `worker.max_in_flight`, which bounds concurrent jobs
 /// without a task per job.

@@ -384,7 +384,7 @@ impl State {
         }
     }
 
-    /// The earliest time a delayed partition becomes due.
+    /// Returns the earliest time a delayed partition becomes due.
     pub fn next_due(&self) -> Option<Instant> {
         self.partitions
             .values()

@@ -17,7 +17,7 @@ pub struct OffsetTracker {
     /// Highest offset handed to Kafka as committed.
     committed: Option<i64>,
     /// Tracked offsets not yet terminal, kept as a count because the poll
-    /// thread asks for it on every fetched record.
+    /// thread reads it on every fetched record.
     open: usize,
 }
 

@@ -54,7 +54,7 @@ pub struct Job {
 }
 
 impl Job {
-    /// The id its dedupe key is built from: the job id, plus the replay
+    /// Returns the id its dedupe key is built from: the job id, plus the replay
     /// generation when a `--dedupe bypass` replay made this copy.
     pub fn dedupe_id(&self) -> std::borrow::Cow<'_, str> {
         match &self.lineage.replay_generation {

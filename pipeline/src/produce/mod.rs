@@ -36,7 +36,7 @@ pub struct OutgoingRecord {
 }
 
 impl OutgoingRecord {
-    /// A new job for `topic` with its job id in the `sluice-job-id` header.
+    /// Builds a job for `topic` with its job id in the `sluice-job-id` header.
     pub fn job(topic: &str, job_id: Option<&str>, key: Option<Vec<u8>>, payload: Vec<u8>) -> Self {
         let mut headers = HeaderList::new();
         if let Some(id) = job_id {
@@ -80,7 +80,7 @@ pub enum ProduceError {
 }
 
 impl ProduceError {
-    /// Whether sending the same record again can succeed.
+    /// Returns whether sending the same record again can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
             ProduceError::Delivery { source, .. } => crate::kafka::is_retryable(source),

@@ -29,7 +29,7 @@ use crate::recover::{format_time, RecoverError, TopicReader};
 /// store beside each committed offset.
 const MAX_CURSOR_METADATA_BYTES: usize = 4096;
 
-/// The dead-letter topic of `topic`: `topic` itself when it already ends
+/// Returns the dead-letter topic of `topic`: `topic` itself when it already ends
 /// in `.dlq`, else `<topic>.dlq`.
 pub fn dlq_topic(topic: &str) -> String {
     if topic.ends_with(".dlq") {
@@ -39,7 +39,7 @@ pub fn dlq_topic(topic: &str) -> String {
     }
 }
 
-/// The consumer group that holds the redrive cursor of `dlq_topic`.
+/// Returns the consumer group that stores the redrive cursor of `dlq_topic`.
 pub fn cursor_group(dlq_topic: &str) -> String {
     format!("sluice-redrive.{dlq_topic}")
 }
